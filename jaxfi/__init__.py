@@ -1,0 +1,41 @@
+"""jaxfi: fault injection for JAX models.
+
+Pure, keyed functions corrupt parameters, inputs and intermediate activations
+bit-exactly and say exactly what they hit; campaigns batch thousands of
+independent trials into one XLA program and report outcome rates with
+confidence intervals.
+"""
+
+from jaxfi._src.bits import (
+    Format,
+    SUPPORTED_DTYPES,
+    bit_mask,
+    clear_bits,
+    flip_bits,
+    format_of,
+    from_bits,
+    popcount,
+    set_bits,
+    to_bits,
+)
+from jaxfi._src.faults import (
+    BitFlip,
+    Burst,
+    Custom,
+    FaultModel,
+    RandomValue,
+    StuckAt,
+    Zero,
+)
+from jaxfi._src.inject import (
+    Record,
+    inject,
+    population_of,
+    sample_faults,
+)
+from jaxfi._src.plan import Plan, Population
+from jaxfi._src.record import record_table
+from jaxfi._src.sites import Activations, Inputs, Params, Selector, Site, param_sites
+from jaxfi._src.trial import faulty, input_sites, sites_of
+
+__version__ = "0.1.0"

@@ -1,0 +1,291 @@
+"""Pure, keyed fault injection: sample faults of a plan, apply them to sites.
+
+``sample_faults`` draws one trial's faults (site, flat index, bit) from a
+``Population`` with static shapes; ``apply_site`` corrupts one site's array
+with the faults that landed on it; ``inject`` does both for a parameter pytree.
+Only the hit values are gathered, changed on their raw bits and scattered
+back, so untouched leaves are returned as they are (and stay unbatched under
+vmap).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats as sps
+
+from jaxfi._src import bits as bits_lib
+from jaxfi._src import plan as plan_lib
+from jaxfi._src.plan import Plan, Population
+from jaxfi._src.sites import Site, param_sites
+
+# Populations this small are sampled by an exact permutation; larger ones by
+# drawing with replacement and keeping the first distinct draws.
+SMALL_POPULATION = 4096
+DENSE_LIMIT = 65536
+# Dtypes whose scatter is bit-exact on every backend we test. Emulated formats
+# (bfloat16, float8) are converted through float32 by XLA:CPU, which quiets
+# signalling NaNs, so they are scattered as unsigned integers instead.
+_NATIVE_SCATTER = frozenset(np.dtype(d) for d in (
+    np.float16, np.float32, np.float64, np.int8, np.uint8, np.int16, np.uint16,
+    np.int32, np.uint32, np.int64, np.uint64))
+
+
+class Faults(NamedTuple):
+    """One trial's sampled faults, sorted by (site, index, bit); invalid slots last."""
+
+    site: jax.Array
+    index: jax.Array
+    bit: jax.Array
+    valid: jax.Array
+    overflow: jax.Array
+
+
+class Record(NamedTuple):
+    """What a trial did, in fixed-shape arrays (one slot per possible fault).
+
+    ``site`` indexes the population's sites (-1 in unused slots), ``index`` is
+    the flat index in the site, ``mask`` the bits the fault targeted, and
+    ``before``/``after`` the raw bits of the value (widened to 32 or 64 bits).
+    ``overflow`` is True if the trial drew more faults than the static cap (or
+    than could be placed) and was truncated.
+    """
+
+    site: jax.Array
+    index: jax.Array
+    mask: jax.Array
+    before: jax.Array
+    after: jax.Array
+    valid: jax.Array
+    overflow: jax.Array
+
+    @property
+    def count(self) -> jax.Array:
+        """Number of faults placed in the trial."""
+        return jnp.sum(self.valid, axis=-1)
+
+
+def _draw_count(key: jax.Array, pop: Population) -> tuple[jax.Array, jax.Array]:
+    """Fault count for one trial and whether it exceeded the cap."""
+    if pop.thresholds is None:
+        return jnp.asarray(pop.cap, jnp.int32), jnp.asarray(False)
+    hi_t = jnp.asarray((pop.thresholds >> np.uint64(32)).astype(np.uint32))
+    lo_t = jnp.asarray((pop.thresholds & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+    word = jax.random.bits(key, (2,), jnp.uint32)
+    below = (word[0] < hi_t) | ((word[0] == hi_t) & (word[1] < lo_t))
+    # Survival thresholds decrease in k, so N = #{k : U < P(N > k)}.
+    n = jnp.sum(below, dtype=jnp.int32)
+    return jnp.minimum(n, pop.cap), n > pop.cap
+
+
+def _site_tables(pop: Population) -> tuple[jax.Array, jax.Array, jax.Array]:
+    widths = max(1, max(len(b) for b in pop.positions))
+    table = np.zeros((len(pop.sites), widths), np.int32)
+    for s, bits in enumerate(pop.positions):
+        table[s, :len(bits)] = bits
+    nbits = np.array([max(1, len(b)) for b in pop.positions], np.int32)
+    sizes = np.array([s.size for s in pop.sites], np.int32)
+    return jnp.asarray(table), jnp.asarray(nbits), jnp.asarray(sizes)
+
+
+def _from_flat(flat: jax.Array, pop: Population):
+    """Map flat population positions to (site, index, bit slot)."""
+    starts = np.cumsum((0,) + pop.weights)
+    site = jnp.searchsorted(jnp.asarray(starts[1:], jnp.int32), flat, side="right").astype(jnp.int32)
+    local = flat - jnp.asarray(starts[:-1], jnp.int32)[site]
+    nbits = jnp.asarray([max(1, len(b)) for b in pop.positions], jnp.int32)[site]
+    return site, local // nbits, local % nbits
+
+
+def _draws(key: jax.Array, pop: Population, count: int):
+    """``count`` independent uniform draws from the population (with replacement)."""
+    k_site, k_index, k_bit = jax.random.split(key, 3)
+    _, nbits, sizes = _site_tables(pop)
+    logw = jnp.log(jnp.asarray(pop.weights, jnp.float32))
+    site = jax.random.categorical(k_site, logw, shape=(count,)).astype(jnp.int32)
+    index = jax.random.randint(k_index, (count,), 0, sizes[site])
+    slot = jax.random.randint(k_bit, (count,), 0, nbits[site])
+    return site, index, slot
+
+
+def _first_distinct(site, index, slot, m: int):
+    """Positions of the first ``m`` distinct draws (in draw order) and how many exist."""
+    c = site.shape[0]
+    order = jnp.arange(c, dtype=jnp.int32)
+    s_site, s_index, s_slot, s_order = jax.lax.sort((site, index, slot, order), num_keys=4)
+    same = (s_site[1:] == s_site[:-1]) & (s_index[1:] == s_index[:-1]) & (s_slot[1:] == s_slot[:-1])
+    first_sorted = jnp.concatenate([jnp.ones((1,), bool), ~same])
+    first = jnp.zeros((c,), bool).at[s_order].set(first_sorted)
+    rank = jnp.cumsum(first) - 1
+    target = jnp.where(first & (rank < m), rank, m)
+    chosen = jnp.zeros((m,), jnp.int32).at[target].set(order, mode="drop")
+    return chosen, jnp.sum(first, dtype=jnp.int32)
+
+
+@functools.lru_cache(maxsize=256)
+def _extra_draws(m: int, total: int) -> int:
+    """Extra draws so that m distinct ones fail to appear with negligible probability."""
+    if m <= 1:
+        return 0
+    extra = 0
+    for _ in range(50):
+        lam = 1.25 * (m + extra) ** 2 / (2 * total)
+        need = int(sps.poisson.isf(plan_lib.TAIL_PROBABILITY, lam)) + 1
+        if need <= extra:
+            return extra
+        extra = need
+    return extra
+
+
+def _placements(key: jax.Array, pop: Population, m: int):
+    """Up to ``m`` distinct (site, index, slot) placements and how many are distinct."""
+    total = pop.total
+    if total <= SMALL_POPULATION or (m > total // 8 and total <= DENSE_LIMIT):
+        flat = jax.random.permutation(key, total)[:m].astype(jnp.int32)
+        site, index, slot = _from_flat(flat, pop)
+        return site, index, slot, jnp.asarray(m, jnp.int32)
+    if m > total // 8:
+        raise ValueError(
+            f"{m} faults per trial in a population of {total} is too dense for "
+            "sparse sampling; lower the rate or select more sites")
+    site, index, slot = _draws(key, pop, m + _extra_draws(m, total))
+    if m == 1:
+        return site, index, slot, jnp.asarray(1, jnp.int32)
+    chosen, distinct = _first_distinct(site, index, slot, m)
+    return site[chosen], index[chosen], slot[chosen], distinct
+
+
+def sample_faults(key: jax.Array, pop: Population) -> Faults:
+    """Draw one trial's faults: a count (exact or binomial) placed without replacement."""
+    k_count, k_place = jax.random.split(key)
+    m = pop.cap
+    n, overflow = _draw_count(k_count, pop)
+    if m == 0:
+        empty = jnp.zeros((0,), jnp.int32)
+        return Faults(empty, empty, empty, jnp.zeros((0,), bool), overflow)
+    site, index, slot, distinct = _placements(k_place, pop, m)
+    valid = jnp.arange(m) < jnp.minimum(n, distinct)
+    overflow = overflow | (distinct < n)
+    table, _, _ = _site_tables(pop)
+    bit = table[site, slot] if pop.plan.granularity == "bit" else jnp.zeros_like(slot)
+    key_site = jnp.where(valid, site, len(pop.sites))
+    key_site, index, bit, valid = jax.lax.sort((key_site, index, bit, valid), num_keys=3)
+    return Faults(jnp.where(valid, key_site, -1), index, bit, valid, overflow)
+
+
+def _record_dtype(pop: Population):
+    return jnp.uint64 if pop.record_width == 64 else jnp.uint32
+
+
+def _combined_masks(faults: Faults, dtype) -> jax.Array:
+    """Per slot, the OR of the bits of all faults hitting the same value."""
+    start = jnp.concatenate([
+        jnp.ones((1,), bool),
+        (faults.site[1:] != faults.site[:-1]) | (faults.index[1:] != faults.index[:-1])])
+    segment = jnp.cumsum(start) - 1
+    one = jnp.left_shift(jnp.ones_like(faults.bit, dtype), faults.bit.astype(dtype))
+    one = jnp.where(faults.valid, one, 0)
+    # Faults on one value have distinct bits, so their sum is their OR.
+    total = jax.ops.segment_sum(one, segment, num_segments=faults.bit.shape[0])
+    return total[segment]
+
+
+class SiteFaults(NamedTuple):
+    """The record fields of the slots that landed on one site."""
+
+    hit: jax.Array
+    mask: jax.Array
+    before: jax.Array
+    after: jax.Array
+
+
+def apply_site(key: jax.Array, values: jax.Array, site: int, faults: Faults,
+               pop: Population) -> tuple[jax.Array, SiteFaults]:
+    """Corrupt ``values`` (the array of population site ``site``) with its faults."""
+    spec = pop.sites[site]
+    if tuple(values.shape) != spec.shape or values.dtype != spec.dtype:
+        raise ValueError(
+            f"site {spec.name}: expected {spec.dtype.name}{list(spec.shape)}, "
+            f"got {values.dtype}{list(values.shape)}")
+    fmt = spec.format
+    rec = _record_dtype(pop)
+    flat = values.reshape(-1)
+    hit = faults.valid & (faults.site == site)
+    native = flat.dtype in _NATIVE_SCATTER
+    store = flat if native else bits_lib.to_bits(flat)
+    before = store[jnp.where(hit, faults.index, 0)]
+    before = bits_lib.to_bits(before) if native else before
+    if pop.plan.granularity == "bit":
+        mask = _combined_masks(faults, rec).astype(fmt.uint)
+        after = pop.plan.fault.combine(before, mask)
+        own = jnp.left_shift(jnp.ones_like(before), faults.bit.astype(fmt.uint))
+    else:
+        after, own = pop.plan.fault.apply_raw(jax.random.fold_in(key, site), before, fmt)
+    written = bits_lib.from_bits(after, flat.dtype) if native else after
+    store = store.at[jnp.where(hit, faults.index, spec.size)].set(written, mode="drop")
+    widen = lambda v: jnp.where(hit, v.astype(rec), 0)
+    fields = SiteFaults(hit, widen(own), widen(before), widen(after))
+    out = store if native else bits_lib.from_bits(store, flat.dtype)
+    return out.reshape(values.shape), fields
+
+
+def assemble_record(faults: Faults, pop: Population, parts: Sequence[SiteFaults]) -> Record:
+    """Merge the per-site fields into one trial record."""
+    rec = _record_dtype(pop)
+    zero = jnp.zeros(faults.valid.shape, rec)
+    mask, before, after = zero, zero, zero
+    for part in parts:
+        mask = jnp.where(part.hit, part.mask, mask)
+        before = jnp.where(part.hit, part.before, before)
+        after = jnp.where(part.hit, part.after, after)
+    return Record(faults.site, jnp.where(faults.valid, faults.index, 0), mask, before,
+                  after, faults.valid, faults.overflow)
+
+
+def inject_arrays(key: jax.Array, arrays: Sequence[jax.Array], sites: Sequence[Site],
+                  plan: Plan) -> tuple[list[jax.Array], Record]:
+    """Inject one trial of ``plan`` into ``arrays``, described one-to-one by ``sites``."""
+    pop = plan.population(tuple(sites))
+    position = {site.name: i for i, site in enumerate(sites)}
+    arrays = list(arrays)
+    k_sample, k_apply = jax.random.split(key)
+    faults = sample_faults(k_sample, pop)
+    parts = []
+    for s, spec in enumerate(pop.sites):
+        i = position[spec.name]
+        arrays[i], part = apply_site(k_apply, jnp.asarray(arrays[i]), s, faults, pop)
+        parts.append(part)
+    return arrays, assemble_record(faults, pop, parts)
+
+
+def inject(key: jax.Array, params: Any, plan: Plan) -> tuple[Any, Record]:
+    """Inject one trial of ``plan``'s faults into a parameter pytree.
+
+    Pure and jittable (``plan`` is static), vmappable over keys. Returns the
+    faulty pytree (unselected leaves are the input leaves themselves) and the
+    trial's ``Record``.
+    """
+    if plan.kind != "params":
+        raise ValueError(f"inject takes a plan over params sites, got a {plan.kind} plan")
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    arrays = [x for p, x in paths if hasattr(x, "dtype")]
+    faulty, record = inject_arrays(key, arrays, param_sites(params), plan)
+    it = iter(faulty)
+    leaves = [next(it) if hasattr(x, "dtype") else x for _, x in paths]
+    return jax.tree_util.tree_unflatten(treedef, leaves), record
+
+
+def expected_faults(params: Any, plan: Plan) -> float:
+    """Expected number of faults per trial of ``plan`` on ``params``."""
+    return plan.population(param_sites(params)).expected
+
+
+def population_of(params: Any, plan: Plan) -> Population:
+    """The resolved sampling population of a params plan."""
+    return plan.population(param_sites(params))
+

@@ -1,0 +1,170 @@
+"""Plans: where faults land, what they do, and how many there are per trial.
+
+A ``Plan`` is static (hashable, usable as a jit static argument). Resolved
+against concrete sites it becomes a ``Population``: the explicit sampling
+population (bits or values of the selected sites), the count distribution and
+the static cap on faults per trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+from jaxfi._src import faults as faults_lib
+from jaxfi._src.sites import Selector, Site
+
+# A trial whose drawn fault count exceeds the cap is flagged; the cap is the
+# smallest count whose upper tail probability is below this.
+TAIL_PROBABILITY = 1e-13
+MAX_CAP = 200_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Where (``sites``), what (``fault``) and how many faults per trial.
+
+    Give at most one of ``count`` (exact faults per trial), ``ber`` (bit error
+    rate over the selected bits: each bit flips independently) or
+    ``value_rate`` (each selected value is hit independently). The default is
+    ``count=1``. ``max_faults`` overrides the static cap for rates.
+
+    The population is explicit: for single-bit fault models (``BitFlip(n=1)``,
+    ``StuckAt(n=1)``) it is every allowed bit of every selected site, so a site
+    is hit in proportion to its size times its number of allowed bits; for
+    other models it is every value of the selected sites. Faults in one trial
+    are drawn without replacement.
+    """
+
+    sites: Selector
+    fault: faults_lib.FaultModel = faults_lib.BitFlip()
+    count: int | None = None
+    ber: float | None = None
+    value_rate: float | None = None
+    max_faults: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.sites, Selector):
+            raise TypeError(f"Plan.sites must be a selector (jaxfi.Params(...), ...), got {self.sites!r}")
+        if not isinstance(self.fault, faults_lib.FaultModel):
+            raise TypeError(f"Plan.fault must be a fault model, got {self.fault!r}")
+        given = [f for f in ("count", "ber", "value_rate") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of count, ber, value_rate; got {given}")
+        if not given:
+            object.__setattr__(self, "count", 1)
+        if self.count is not None and (not isinstance(self.count, (int, np.integer)) or self.count < 0):
+            raise ValueError(f"count must be a non-negative integer, got {self.count!r}")
+        for rate in ("ber", "value_rate"):
+            value = getattr(self, rate)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{rate} must be a probability in [0, 1], got {value!r}")
+        if self.ber is not None and self.fault.granularity != "bit":
+            raise ValueError(
+                f"ber needs a single-bit fault model (BitFlip(n=1) or StuckAt(n=1)), got {self.fault!r}")
+        if self.max_faults is not None and self.max_faults < 1:
+            raise ValueError(f"max_faults must be >= 1, got {self.max_faults!r}")
+
+    @property
+    def kind(self) -> str:
+        return self.sites.kind
+
+    @property
+    def granularity(self) -> str:
+        """"bit" if the population is bits, "value" if it is values."""
+        return "value" if self.value_rate is not None else self.fault.granularity
+
+    def population(self, candidates: Sequence[Site]) -> Population:
+        """Resolve this plan against candidate sites (cached per plan and sites)."""
+        return _population(self, tuple(candidates))
+
+
+@dataclasses.dataclass(frozen=True)
+class Population:
+    """The static sampling population of a plan over concrete sites.
+
+    ``positions[s]`` lists the allowed bits of site ``s`` (bit granularity);
+    ``weights[s]`` is the number of population elements in site ``s``.
+    ``thresholds`` (if a rate is used) are 64-bit fixed-point survival
+    probabilities P(N > k), k = 0..cap, of the binomial fault count.
+    """
+
+    plan: Plan
+    sites: tuple[Site, ...]
+    positions: tuple[tuple[int, ...], ...]
+    weights: tuple[int, ...]
+    cap: int
+    thresholds: np.ndarray | None
+
+    @property
+    def total(self) -> int:
+        """Size of the population (bits or values)."""
+        return sum(self.weights)
+
+    @property
+    def record_width(self) -> int:
+        """Bit width of raw values in records: 64 if any site is 64-bit, else 32."""
+        return 64 if any(s.format.width == 64 for s in self.sites) else 32
+
+    @property
+    def expected(self) -> float:
+        """Expected number of faults per trial."""
+        p = self.plan
+        if p.count is not None:
+            return float(p.count)
+        return self.total * (p.ber if p.ber is not None else p.value_rate)
+
+
+@functools.lru_cache(maxsize=256)
+def _population(plan: Plan, candidates: tuple[Site, ...]) -> Population:
+    sites = plan.sites.select(candidates)
+    granularity = plan.granularity
+    positions = []
+    for site in sites:
+        fmt = site.format
+        plan.fault.validate(fmt)
+        positions.append(plan.fault.positions(fmt) if granularity == "bit" else ())
+    weights = tuple(s.size * (len(b) if granularity == "bit" else 1)
+                    for s, b in zip(sites, positions))
+    total = sum(weights)
+    rate = plan.ber if plan.ber is not None else plan.value_rate
+    if rate is None:
+        if plan.count > total:
+            raise ValueError(
+                f"count={plan.count} faults per trial exceeds the population of "
+                f"{total} {granularity}s in the selected sites")
+        return Population(plan, sites, tuple(positions), weights, plan.count, None)
+    cap, thresholds = _binomial_thresholds(total, rate, plan.max_faults)
+    return Population(plan, sites, tuple(positions), weights, cap, thresholds)
+
+
+def _binomial_thresholds(n: int, p: float, cap: int | None) -> tuple[int, np.ndarray]:
+    """Static cap and 64-bit fixed-point survival thresholds of Binomial(n, p).
+
+    Computed exactly in float64 at trace time; sampling compares one 64-bit
+    uniform word against them, which works wherever integer compares work
+    (unlike jax.random.binomial, whose variance is wrong for huge n).
+    """
+    if cap is None:
+        cap = int(sps.binom.isf(TAIL_PROBABILITY, n, p)) + 1 if p > 0 else 1
+        cap = max(cap, 1)
+        if cap > MAX_CAP:
+            raise ValueError(
+                f"rate {p} over {n} population elements expects {n * p:.3g} faults per "
+                f"trial (cap {cap} > {MAX_CAP}); use a lower rate or fewer sites")
+    sf = sps.binom.sf(np.arange(cap + 1), n, p)
+    scaled = np.floor(np.clip(sf, 0.0, 1.0) * 2.0**64)
+    as_int = np.array([min(int(x), 2**64 - 1) for x in scaled], dtype=np.uint64)
+    return cap, as_int
+
+
+def describe_population(population: Population) -> str:
+    """One line saying what is sampled, for logs and manifests."""
+    what = population.plan.granularity
+    return (f"{population.total} {what}s over {len(population.sites)} sites, "
+            f"{population.expected:.4g} faults/trial expected, cap {population.cap}")
+
