@@ -37,5 +37,6 @@ from jaxfi._src.plan import Plan, Population
 from jaxfi._src.record import record_table
 from jaxfi._src.sites import Activations, Inputs, Params, Selector, Site, param_sites
 from jaxfi._src.trial import faulty, input_sites, sites_of
+from jaxfi._src.activations import activation_sites, capture, module_output, named_scopes, sites_table
 
 __version__ = "0.1.0"

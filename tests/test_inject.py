@@ -178,3 +178,10 @@ def test_selection_by_predicate_and_dtype():
     assert [s.name for s in jaxfi.population_of(PARAMS, plan).sites] == ["dense/bias"]
     plan = jaxfi.Plan(jaxfi.Params(dtype=jnp.int32), count=1)
     assert [s.name for s in jaxfi.population_of(PARAMS, plan).sites] == ["step"]
+
+
+def test_count_zero_is_the_identity():
+    faulty, rec = jit_inject(jax.random.key(0), PARAMS, jaxfi.Plan(jaxfi.Params(), count=0))
+    assert rec.valid.shape == (0,)
+    for a, b in zip(jax.tree.leaves(faulty), jax.tree.leaves(PARAMS)):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))

@@ -214,6 +214,9 @@ def apply_site(key: jax.Array, values: jax.Array, site: int, faults: Faults,
             f"got {values.dtype}{list(values.shape)}")
     fmt = spec.format
     rec = _record_dtype(pop)
+    if pop.cap == 0:
+        empty = jnp.zeros((0,), rec)
+        return values, SiteFaults(jnp.zeros((0,), bool), empty, empty, empty)
     flat = values.reshape(-1)
     hit = faults.valid & (faults.site == site)
     native = flat.dtype in _NATIVE_SCATTER

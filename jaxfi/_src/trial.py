@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxfi._src import activations
 from jaxfi._src.inject import Record, inject, inject_arrays
 from jaxfi._src.plan import Plan
 from jaxfi._src.sites import Site, path_name, param_sites
@@ -75,7 +76,6 @@ def faulty(fn: Callable[..., Any], *plans: Plan, params_argnum: int = 0) -> Call
         active = [(i, p) for i, p in enumerate(plans) if p.kind == "activations"]
         if not active:
             return fn(*args), tuple(records)
-        from jaxfi._src import activations
         keys = [jax.random.fold_in(key, i) for i, _ in active]
         out, act_records = activations.run_with_faults(fn, args, [p for _, p in active], keys)
         for (i, _), rec in zip(active, act_records):
@@ -91,5 +91,4 @@ def sites_of(fn: Callable[..., Any], plan: Plan, *args, params_argnum: int = 0) 
         return plan.population(tuple(param_sites(args[params_argnum]))).sites
     if plan.kind == "inputs":
         return plan.population(tuple(input_sites(args, params_argnum))).sites
-    from jaxfi._src import activations
-    return plan.population(tuple(activations.activation_sites(fn, *args))).sites
+    return activations.selected_sites(fn, plan, *args)
