@@ -385,10 +385,7 @@ class _Injection:
     def record(self) -> Record:
         if not self.active:
             return assemble_record(self.faults, self.pop, [])
-        missing = [self.pop.sites[i].name for i, p in enumerate(self.parts) if p is None]
-        if missing:
-            raise RuntimeError(f"jaxfi internal error: sites {missing} were never evaluated")
-        return assemble_record(self.faults, self.pop, self.parts)
+        return assemble_record(self.faults, self.pop, [p for p in self.parts if p is not None])
 
 
 # ----------------------------------------------------------------------------
@@ -396,7 +393,8 @@ class _Injection:
 
 
 def run_with_faults(fn: Callable[..., Any], args: Sequence[Any], plans: Sequence[Plan],
-                    keys: Sequence[jax.Array]) -> tuple[Any, list[Record]]:
+                    keys: Sequence[jax.Array],
+                    only: Sequence[frozenset[int] | None] | None = None) -> tuple[Any, list[Record]]:
     """Evaluate ``fn(*args)`` with each activations plan's faults; one key per plan.
 
     Each plan's key is split into (sampling, applying) keys as for params
@@ -404,8 +402,10 @@ def run_with_faults(fn: Callable[..., Any], args: Sequence[Any], plans: Sequence
     site do not depend on the keys. Returns ``fn``'s output and one record per
     plan. Pure: jit, vmap over keys, grad, lax.map. For derivatives a faulted
     value is a constant (zero derivative, as for params faults); untouched
-    values of a selected site pass derivatives unchanged.
+    values of a selected site pass derivatives unchanged. ``only`` restricts
+    each plan to some of its sites (see ``jaxfi.faulty``).
     """
+    only = tuple(only) if only is not None else (None,) * len(plans)
     if len(plans) != len(keys):
         raise ValueError(f"run_with_faults needs one key per plan, got {len(keys)} keys "
                          f"for {len(plans)} plans")
@@ -413,10 +413,11 @@ def run_with_faults(fn: Callable[..., Any], args: Sequence[Any], plans: Sequence
     hooks: dict[int, list[Callable]] = collections.defaultdict(list)
     injections = []
     with jax.named_scope(OWN_SCOPE):
-        for plan, key in zip(plans, keys):
+        for plan, key, subset in zip(plans, keys, only):
             injection = _Injection(key, _population(program, plan))
             for s, site in enumerate(injection.pop.sites if injection.active else ()):
-                hooks[program.ids[site.name]].append(injection.hook(s))
+                if subset is None or s in subset:
+                    hooks[program.ids[site.name]].append(injection.hook(s))
             injections.append(injection)
     out = program.run(arrays, hooks)
     with jax.named_scope(OWN_SCOPE):

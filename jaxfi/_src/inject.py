@@ -250,9 +250,19 @@ def assemble_record(faults: Faults, pop: Population, parts: Sequence[SiteFaults]
                   after, faults.valid, faults.overflow)
 
 
+def plan_faults(key: jax.Array, pop: Population) -> Faults:
+    """The faults a trial with plan key ``key`` draws (what ``inject`` applies)."""
+    return sample_faults(jax.random.split(key)[0], pop)
+
+
 def inject_arrays(key: jax.Array, arrays: Sequence[jax.Array], sites: Sequence[Site],
-                  plan: Plan) -> tuple[list[jax.Array], Record]:
-    """Inject one trial of ``plan`` into ``arrays``, described one-to-one by ``sites``."""
+                  plan: Plan, only: frozenset[int] | None = None) -> tuple[list[jax.Array], Record]:
+    """Inject one trial of ``plan`` into ``arrays``, described one-to-one by ``sites``.
+
+    ``only`` (population site indices) skips the other sites: the result is
+    the same provided the trial's faults all land in ``only``, and the
+    skipped arrays stay independent of ``key`` (unbatched under vmap).
+    """
     pop = plan.population(tuple(sites))
     position = {site.name: i for i, site in enumerate(sites)}
     arrays = list(arrays)
@@ -260,24 +270,27 @@ def inject_arrays(key: jax.Array, arrays: Sequence[jax.Array], sites: Sequence[S
     faults = sample_faults(k_sample, pop)
     parts = []
     for s, spec in enumerate(pop.sites):
+        if only is not None and s not in only:
+            continue
         i = position[spec.name]
         arrays[i], part = apply_site(k_apply, jnp.asarray(arrays[i]), s, faults, pop)
         parts.append(part)
     return arrays, assemble_record(faults, pop, parts)
 
 
-def inject(key: jax.Array, params: Any, plan: Plan) -> tuple[Any, Record]:
+def inject(key: jax.Array, params: Any, plan: Plan,
+           only: frozenset[int] | None = None) -> tuple[Any, Record]:
     """Inject one trial of ``plan``'s faults into a parameter pytree.
 
     Pure and jittable (``plan`` is static), vmappable over keys. Returns the
     faulty pytree (unselected leaves are the input leaves themselves) and the
-    trial's ``Record``.
+    trial's ``Record``. ``only``: see ``inject_arrays``.
     """
     if plan.kind != "params":
         raise ValueError(f"inject takes a plan over params sites, got a {plan.kind} plan")
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     arrays = [x for p, x in paths if hasattr(x, "dtype")]
-    faulty, record = inject_arrays(key, arrays, param_sites(params), plan)
+    faulty, record = inject_arrays(key, arrays, param_sites(params), plan, only)
     it = iter(faulty)
     leaves = [next(it) if hasattr(x, "dtype") else x for _, x in paths]
     return jax.tree_util.tree_unflatten(treedef, leaves), record
