@@ -40,3 +40,14 @@ from jaxfi._src.trial import faulty, input_sites, sites_of
 from jaxfi._src.activations import activation_sites, capture, module_output, named_scopes, sites_table
 
 __version__ = "0.1.0"
+from jaxfi._src.campaign import Campaign, Result, TrialResult
+from jaxfi._src.executors import (
+    AutoExecutor,
+    LoopExecutor,
+    MapExecutor,
+    NotBitwiseError,
+    VmapExecutor,
+)
+from jaxfi._src.outcomes import Golden
+from jaxfi._src.fault_aware import StepInfo, TrainState, fault_aware_step, init_state
+from jaxfi._src.protect import Bounds, record_bounds, restrict

@@ -1,0 +1,450 @@
+"""Campaigns: a golden run, many keyed trials, outcomes, statistics and a store.
+
+::
+
+    c = jaxfi.Campaign(apply_fn, params, images, labels, [plan], seed=0)
+    result = c.run(trials=2000, executor="auto", chunk_size=64, store="runs/x")
+    print(result.summary())          # rates with confidence intervals
+    result.summary(by="site")        # per stratum
+    c.replay(17)                     # trial 17 alone, bit for bit
+
+Trial ``i`` is ``faulty(apply_fn, *plans)(fold_in(key(seed), i), params,
+inputs)``; its results do not depend on the executor, chunk size or device
+count, so a store can be resumed with any of them.
+
+Strata: each trial gets a ``site`` and a ``bit``. A trial whose faults all
+land in one site has that site's name ("mixed" if they span several sites,
+"none" if the trial drew no fault); a trial whose faults all flip the same
+single bit position has that bit (-1 otherwise: several positions, multi-bit
+faults or no fault). Single-fault trials are thus stratified exactly, and
+multi-fault trials only where they are homogeneous.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from jaxfi._src import executors as exec_lib
+from jaxfi._src import outcomes as outcomes_lib
+from jaxfi._src import stats
+from jaxfi._src.inject import Record
+from jaxfi._src.plan import Plan
+from jaxfi._src.record import record_table
+from jaxfi._src.sites import Site
+from jaxfi._src.store import CorruptChunkError, Store
+from jaxfi._src.trial import faulty, sites_of
+
+_RECORD_COLUMN = "r{plan}.{field}"
+MAX_TRIALS = 2**31 - 1
+
+
+class TrialResult(NamedTuple):
+    """One trial: its index, model output, records (one per plan) and outcomes."""
+
+    index: int
+    output: np.ndarray
+    records: tuple[Record, ...]
+    outcomes: dict[str, Any]
+
+
+class Campaign:
+    """A fault-injection campaign over ``apply_fn(params, inputs)``.
+
+    ``labels`` (integer classes, one per input) enable accuracy and
+    SDC-over-correct figures; ``plans`` is a Plan or a list of them, all
+    applied in every trial; ``outcomes`` adds custom per-trial figures
+    ``fn(golden_output, faulty_output, labels) -> {name: scalar}``.
+    The golden run is computed once, here.
+    """
+
+    def __init__(self, apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any,
+                 labels: Any = None, plans: Plan | Sequence[Plan] = (), *, seed: int = 0,
+                 outcomes: Sequence[outcomes_lib.OutcomeFn] = ()):
+        self.plans = (plans,) if isinstance(plans, Plan) else tuple(plans)
+        if not self.plans:
+            raise ValueError("Campaign needs at least one plan, e.g. jaxfi.Plan(jaxfi.Params())")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.apply_fn, self.params, self.inputs, self.seed = apply_fn, params, inputs, int(seed)
+        self.labels = None if labels is None else np.asarray(labels)
+        self.golden = outcomes_lib.golden(jax.jit(apply_fn)(params, inputs), self.labels)
+        self.sites: tuple[tuple[Site, ...], ...] = tuple(
+            tuple(sites_of(apply_fn, plan, params, inputs)) for plan in self.plans)
+        self._outcome_fns = tuple(outcomes)
+        builtin = outcomes_lib.builtin_names(self.labels is not None)
+        self._custom = outcomes_lib.custom_names(self._outcome_fns, self.golden, builtin)
+        self.outcome_names: tuple[str, ...] = builtin + tuple(self._custom)
+        self._trials = exec_lib.Trials(exec_lib.trial_function(faulty(apply_fn, *self.plans)),
+                                       jax.random.key(self.seed), params, inputs)
+
+    @functools.cached_property
+    def config(self) -> dict[str, Any]:
+        """Everything that defines the results (a store refuses any other config).
+
+        The executor, chunk size and device count are left out: results do not
+        depend on them.
+        """
+        import jaxfi
+        return {
+            "jaxfi": jaxfi.__version__,
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "function": _qualified(self.apply_fn),
+            "seed": self.seed,
+            "plans": [_describe(p) for p in self.plans],
+            "sites": [[s.name for s in sites] for sites in self.sites],
+            "outcomes": list(self.outcome_names),
+            "data_sha256": _fingerprint(self.params, self.inputs, self.labels),
+        }
+
+    def run(self, trials: int, *, executor: str | exec_lib.Executor = "auto",
+            chunk_size: int = 64, store: str | os.PathLike | None = None,
+            margin: float | None = None, confidence: float = 0.95, method: str = "wilson",
+            quiet: bool = False, verify: bool = True,
+            devices: Sequence[jax.Device] | None = None) -> Result:
+        """Run trials 0..``trials``-1 (those not already in ``store``) and return the results.
+
+        ``executor``: "vmap", "map", "loop", "auto" or an executor object.
+        ``chunk_size`` trials are computed (and stored) at a time; memory grows
+        with it, not with ``trials``. ``store``: a directory written chunk by
+        chunk and resumed on the next call, with any executor or chunk size.
+        ``margin``: before each chunk, stop if every rate's interval
+        (``confidence``, ``method``) has a half-width of at most ``margin``; the
+        trials kept are then a prefix, and the same call stops at the same
+        trial again. ``verify`` checks a batched executor's first chunk against
+        the unbatched trial. ``devices``: the devices a chunk is split over
+        (all local ones by default). ``quiet`` hides the progress bar.
+        """
+        trials, chunk_size = _positive("trials", trials, 0), _positive("chunk_size", chunk_size, 1)
+        if trials > MAX_TRIALS:
+            raise ValueError(f"trials must be at most {MAX_TRIALS} (int32 trial indices), got {trials}")
+        devices = list(devices) if devices is not None else jax.local_devices()
+        session = _Session(self, exec_lib.executor(executor), min(chunk_size, max(trials, 1)),
+                           devices, verify, quiet)
+        db = Store(store, self.config) if store is not None else None
+        parts = self._stored(db, trials)
+        tally = _Tally(self, parts)
+        ranges = db.missing(trials) if db is not None else [(0, trials)]
+        stopped = False
+        with tqdm(total=trials, initial=tally.trials, unit="trial", disable=quiet,
+                  desc="campaign", dynamic_ncols=True) as bar:
+            session.bar = bar
+            for start, stop in _chunks(ranges, chunk_size):
+                if margin is not None and tally.converged(margin, confidence, method):
+                    stopped = True
+                    break
+                parts.append(self._chunk(session, db, start, stop))
+                tally.add(parts[-1])
+                bar.update(stop - start)
+        return self._result(parts, session.name, session.timings, stopped, trials)
+
+    def _chunk(self, session: _Session, db: Store | None, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Compute trials [start, stop), store them, and return their columns."""
+        columns = self._columns(session.compute(start, stop))
+        if db is not None:
+            db.write_chunk(start, stop, columns)
+        return {"trial": np.arange(start, stop, dtype=np.int64), **columns}
+
+    def load(self, store: str | os.PathLike) -> Result:
+        """The results already in ``store`` (created by this campaign's config)."""
+        parts = self._stored(Store(store, self.config), None)
+        return self._result(parts, "", None, False, None)
+
+    def replay(self, index: int) -> TrialResult:
+        """Recompute trial ``index`` alone; equal bit for bit to its row in any run."""
+        index = _positive("index", index, 0)
+        output, records = self._trials.replay(index)
+        columns = self._columns((output[None], jax.tree.map(lambda a: a[None], records)))
+        return TrialResult(index, output, records,
+                           {name: columns[name][0].item() for name in self.outcome_names})
+
+    def _columns(self, out: exec_lib.Outputs) -> dict[str, np.ndarray]:
+        """Per-trial columns of a chunk: outcomes, then every record array."""
+        outputs, records = out
+        columns = outcomes_lib.classification(self.golden, np.asarray(outputs))
+        columns.update(outcomes_lib.custom(self._outcome_fns, self._custom, self.golden, outputs))
+        for j, record in enumerate(records):
+            for field in Record._fields:
+                columns[_RECORD_COLUMN.format(plan=j, field=field)] = np.asarray(getattr(record, field))
+        return columns
+
+    def _stored(self, db: Store | None, limit: int | None) -> list[dict[str, np.ndarray]]:
+        if db is None:
+            return []
+        try:
+            arrays = db.load_arrays()
+        except CorruptChunkError as err:
+            raise CorruptChunkError(err.path, f"{err.problem}; move it aside with "
+                                    "Store.quarantine and run again to recompute its trials") from err
+        if arrays["trial"].size == 0:
+            return []
+        keep = arrays["trial"] < limit if limit is not None else slice(None)
+        return [{name: a[keep] for name, a in arrays.items()}]
+
+    def _result(self, parts: list[dict[str, np.ndarray]], executor: str,
+                timings: pd.DataFrame | None, stopped: bool, requested: int | None) -> Result:
+        columns = _merge(parts, self._empty_columns())
+        records = tuple(
+            Record(*(columns[_RECORD_COLUMN.format(plan=j, field=f)] for f in Record._fields))
+            for j in range(len(self.plans)))
+        table = pd.DataFrame({"trial": columns["trial"],
+                              **{n: columns[n] for n in self.outcome_names},
+                              **fault_summary(records, self.sites)})
+        return Result(table, records, self.golden, self.sites, executor, timings, stopped,
+                      requested, tuple(self._custom))
+
+    def _empty_columns(self) -> dict[str, np.ndarray]:
+        output, records = jax.eval_shape(self._trials.fn, self._trials.base_key, np.int32(0),
+                                         self.params, self.inputs)
+        empty = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), (output, records))
+        return {"trial": np.zeros(0, np.int64), **self._columns(empty)}
+
+
+class _Session:
+    """The executor of one ``run``: built on the first chunk, then reused."""
+
+    def __init__(self, campaign: Campaign, chosen: exec_lib.Executor, chunk_size: int,
+                 devices: list[jax.Device], verify: bool, quiet: bool):
+        self._campaign, self._chosen, self._chunk_size = campaign, chosen, chunk_size
+        self._devices, self._verify, self._quiet = devices, verify, quiet
+        self._runner: exec_lib.Runner | None = None
+        self.timings: pd.DataFrame | None = None
+        self.bar: Any = None
+
+    @property
+    def name(self) -> str:
+        return self._runner.name if self._runner is not None else ""
+
+    def compute(self, start: int, stop: int) -> exec_lib.Outputs:
+        if self._runner is not None:
+            return self._runner(start, stop)
+        trials = self._campaign._trials
+        if isinstance(self._chosen, exec_lib.AutoExecutor):
+            self._runner, out, self.timings = exec_lib.choose(
+                self._chosen, trials, self._chunk_size, self._devices, start, stop)
+            if not self._quiet:
+                self.bar.write(f"executor auto chose {self._runner.name!r}:\n"
+                               + self.timings.to_string(index=False))
+        else:
+            self._runner = self._chosen.build(trials, self._chunk_size, self._devices)
+            out = self._runner(start, stop)
+            if self._verify and not isinstance(self._chosen, exec_lib.LoopExecutor):
+                exec_lib.verify(self._runner.name, out, trials, start, stop)
+        self.bar.set_postfix(executor=self._runner.name)
+        return out
+
+
+class _Tally:
+    """Running event counts, for the stopping rule without re-reading the table."""
+
+    def __init__(self, campaign: Campaign, parts: Sequence[Mapping[str, np.ndarray]]):
+        self._groups = rate_groups(campaign.golden, campaign.outcome_names, campaign._custom)
+        self._sums = {name: 0 for names, _, _ in self._groups for name in names}
+        self.trials = 0
+        for part in parts:
+            self.add(part)
+
+    def add(self, part: Mapping[str, np.ndarray]) -> None:
+        self.trials += len(part["trial"])
+        for name in self._sums:
+            self._sums[name] += int(np.sum(part[name]))
+
+    def converged(self, margin: float, confidence: float, method: str) -> bool:
+        k = [self._sums[n] for names, _, _ in self._groups for n in names]
+        n = [self.trials * per for names, per, _ in self._groups for _ in names]
+        return stats.converged((np.asarray(k), np.asarray(n)), margin, confidence, method)
+
+
+def rate_groups(golden: outcomes_lib.Golden, names: Sequence[str],
+                custom: Mapping[str, np.dtype]) -> list[tuple[tuple[str, ...], int, str]]:
+    """(outcome columns, units per trial, unit name) for every rate a campaign reports."""
+    events = tuple(n for n in outcomes_lib.EVENTS if n in names)
+    events += tuple(n for n, dtype in custom.items() if dtype == np.dtype(bool))
+    groups = [(events, 1, "trial"), (outcomes_lib.INPUT_COUNTS, golden.batch, "input")]
+    if golden.n_correct:
+        groups.append((("sdc_correct_inputs",), golden.n_correct, "correct input"))
+    return groups
+
+
+@dataclasses.dataclass
+class Result:
+    """A campaign's trials: ``table`` (one row per trial) and the raw ``records``.
+
+    ``table`` has the trial index, every outcome, and a fault summary: number
+    of faults, ``overflow`` (a rate plan drew more than its cap), the first
+    fault's site, flat index and bit, and the strata ``site`` and ``bit``.
+    ``records`` holds one Record per plan with arrays stacked by table row.
+    ``executor`` names the executor used (the choice of "auto"), ``timings``
+    what auto measured, ``stopped_early`` whether the margin was met before
+    the trial budget.
+    """
+
+    table: pd.DataFrame
+    records: tuple[Record, ...]
+    golden: outcomes_lib.Golden
+    sites: tuple[tuple[Site, ...], ...]
+    executor: str
+    timings: pd.DataFrame | None
+    stopped_early: bool
+    trials_requested: int | None
+    custom_outcomes: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def summary(self, by: str | Sequence[str] | None = None, confidence: float = 0.95,
+                method: str = "wilson") -> pd.DataFrame:
+        """Rates with confidence intervals, one row per outcome (and stratum, with ``by``).
+
+        Per-trial rates (``per == "trial"``) are the probability that a trial
+        has at least one such input; per-input rates divide the count of
+        affected inputs by trials x batch size, or by trials x inputs golden
+        got right for ``sdc_correct_inputs``. ``method`` is "wilson" or
+        "clopper_pearson". Per-input intervals treat inputs as independent,
+        which they are not when one fault changes many of them: they are too
+        narrow, and the per-trial rates are the ones to quote with intervals.
+        """
+        keys = [by] if isinstance(by, str) else list(by or [])
+        frames = []
+        custom = {n: self.table[n].dtype for n in self.custom_outcomes}
+        for names, per, unit in rate_groups(self.golden, list(self.table.columns), custom):
+            s = stats.summarize(self.table, names, by=keys, confidence=confidence,
+                                method=method, denominator=None if unit == "trial" else per)
+            for name in names:
+                frames.append(pd.DataFrame({
+                    **{key: s[key] for key in keys}, "outcome": name, "per": unit,
+                    "k": s[f"{name}_k"], "n": s[f"{name}_n"], "rate": s[f"{name}_rate"],
+                    "lo": s[f"{name}_lo"], "hi": s[f"{name}_hi"]}))
+        out = pd.concat(frames, ignore_index=True)
+        out["half_width"] = (out["hi"] - out["lo"]) / 2
+        return out.set_index("outcome") if not keys else out
+
+    def continuous(self, by: str | Sequence[str] | None = None,
+                   confidence: float = 0.95) -> pd.DataFrame:
+        """Means and normal intervals of the continuous outcomes (finite values only)."""
+        names = [n for n in ("accuracy", "max_abs_dev", "rel_l2") if n in self.table]
+        names += [n for n in self.custom_outcomes if self.table[n].dtype != bool]
+        keys = [by] if isinstance(by, str) else list(by or [])
+        if not keys:
+            return pd.DataFrame({n: stats.mean_ci(self.table[n], confidence) for n in names}).T
+        return stats.summarize(self.table, [], by=keys, confidence=confidence, continuous=names)
+
+    def faults(self) -> pd.DataFrame:
+        """One row per placed fault: trial, plan, site, index, bits, values before and after."""
+        frames = []
+        for j, (record, sites) in enumerate(zip(self.records, self.sites)):
+            rows = record_table(record, sites)
+            rows["trial"] = self.table["trial"].to_numpy()[rows["trial"].to_numpy(int)]
+            rows.insert(1, "plan", j)
+            frames.append(rows)
+        return pd.concat(frames, ignore_index=True).sort_values(["trial", "plan"], kind="stable")
+
+
+def fault_summary(records: Sequence[Record], sites: Sequence[Sequence[Site]]) -> dict[str, np.ndarray]:
+    """Per trial: faults, overflow, first_site, first_index, first_bit, and strata site, bit."""
+    names: list[str] = []
+    sid, index, bit, valid = [], [], [], []
+    for record, plan_sites in zip(records, sites):
+        ids = [_intern(names, s.name) for s in plan_sites]
+        lookup = np.asarray(ids + [-1], np.int64)  # record site -1 (unused slot) -> -1
+        sid.append(lookup[np.asarray(record.site)])
+        index.append(np.asarray(record.index).astype(np.int64))
+        bit.append(_single_bit(np.asarray(record.mask)))
+        valid.append(np.asarray(record.valid))
+    sid, index, bit, valid = (np.concatenate(a, axis=1) for a in (sid, index, bit, valid))
+    rows = np.arange(len(valid))
+    has = valid.any(axis=1)
+    first = np.argmax(valid, axis=1)
+    label = np.asarray(names + ["none"], dtype=object)
+    lo = np.where(valid, sid, len(names)).min(axis=1)
+    hi = np.where(valid, sid, -1).max(axis=1)
+    lo_bit = np.where(valid, bit, 64).min(axis=1)
+    hi_bit = np.where(valid, bit, -1).max(axis=1)
+    overflow = np.stack([np.asarray(r.overflow) for r in records], axis=1).any(axis=1)
+    return {
+        "faults": valid.sum(axis=1),
+        "overflow": overflow,
+        "first_site": label[np.where(has, sid[rows, first], len(names))],
+        "first_index": np.where(has, index[rows, first], -1),
+        "first_bit": np.where(has, bit[rows, first], -1),
+        "site": np.where(~has, "none", np.where(lo == hi, label[np.minimum(lo, len(names))], "mixed")),
+        "bit": np.where(has & (lo_bit == hi_bit), lo_bit, -1),
+    }
+
+
+def _chunks(ranges: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Split ranges of missing trials into chunks of at most ``size``, never across a gap."""
+    return [(a, min(a + size, stop)) for start, stop in ranges for a in range(start, stop, size)]
+
+
+def _intern(names: list[str], name: str) -> int:
+    if name not in names:
+        names.append(name)
+    return names.index(name)
+
+
+def _single_bit(mask: np.ndarray) -> np.ndarray:
+    """The position of the one set bit of each mask, -1 if none or several are set."""
+    m = mask.astype(np.uint64)
+    single = (m != 0) & ((m & (m - np.uint64(1))) == 0)
+    position = np.frexp(m.astype(np.float64))[1] - 1  # exact: powers of two fit a float64
+    return np.where(single, position, -1).astype(np.int64)
+
+
+def _merge(parts: list[dict[str, np.ndarray]], empty: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if not parts:
+        return empty
+    order = np.argsort(np.concatenate([p["trial"] for p in parts]), kind="stable")
+    return {name: np.concatenate([p[name] for p in parts])[order] for name in parts[0]}
+
+
+def _positive(name: str, value: Any, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)
+
+
+def _qualified(fn: Any) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{name}"
+
+
+def _describe(obj: Any) -> str:
+    """A repr that is stable across processes (functions by name, not address)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = ", ".join(f"{f.name}={_describe(getattr(obj, f.name))}"
+                           for f in dataclasses.fields(obj))
+        return f"{type(obj).__name__}({fields})"
+    if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
+        return _qualified(obj)
+    if isinstance(obj, functools.partial):
+        args = ", ".join([_describe(obj.func)] + [_describe(a) for a in obj.args]
+                         + [f"{k}={_describe(v)}" for k, v in sorted(obj.keywords.items())])
+        return f"partial({args})"
+    if isinstance(obj, (tuple, list)):
+        inner = ", ".join(_describe(x) for x in obj)
+        return f"({inner},)" if isinstance(obj, tuple) and len(obj) == 1 else (
+            f"({inner})" if isinstance(obj, tuple) else f"[{inner}]")
+    return repr(obj)
+
+
+def _fingerprint(params: Any, inputs: Any, labels: Any) -> str:
+    """SHA-256 over the paths, dtypes, shapes and bytes of params, inputs and labels."""
+    digest = hashlib.sha256()
+    for label, tree in (("params", params), ("inputs", inputs), ("labels", labels)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            arr = np.asarray(leaf)
+            digest.update(f"{label}{jax.tree_util.keystr(path)} {arr.dtype.str} {arr.shape}\n".encode())
+            digest.update(arr.tobytes())
+    return digest.hexdigest()

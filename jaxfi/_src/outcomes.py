@@ -1,0 +1,204 @@
+"""Outcomes of a trial: how the faulty outputs differ from the golden run.
+
+Everything here runs on the host in numpy, one trial per row, so an outcome
+depends only on that trial's output bits: not on the executor, chunk size or
+device that produced them.
+
+Per trial, over the evaluation batch of B inputs (logits reshaped to [B, C]):
+
+* ``due_inputs``: inputs with any non-finite logit (a detected unrecoverable
+  error). Such an input counts as DUE only, never as SDC.
+* ``sdc_inputs``: finite inputs whose top-1 class differs from golden's.
+* ``sdc_correct_inputs``: the same over inputs golden classified correctly
+  (denominator: ``Golden.n_correct``); needs labels.
+* ``sdc5_inputs``: finite inputs whose top-1 leaves golden's top-5 (top-C for
+  fewer than 5 classes, where it never happens).
+* ``sdc``, ``sdc5``, ``due``: the trial has at least one such input.
+* ``masked``: no SDC and no DUE on any input. Masking is defined on outcomes,
+  not bits: a trial whose logits moved without changing any top-1 is masked.
+  ``identical`` says whether the logits are bitwise equal to golden's (the
+  golden run is a different XLA program, so a fault without any effect can in
+  principle still differ in the last bits; on the models tested it did not).
+* ``accuracy``: fraction of inputs classified correctly (DUE inputs count as
+  wrong); needs labels.
+* ``max_abs_dev``: largest |faulty - golden| over all logits, ``rel_l2``:
+  ||faulty - golden||_2 / ||golden||_2, both in float64; +inf when any logit
+  is non-finite (the deviation is unbounded), never an error.
+
+Custom outcomes are functions ``fn(golden_output, faulty_output, labels) ->
+{name: scalar}`` called once per trial with numpy arrays of the model's output
+shape (``labels`` may be None); a boolean value makes a per-trial event, any
+other number a float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+OutcomeFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], Mapping[str, Any]]
+
+TOP_K = 5
+EVENTS = ("sdc", "sdc5", "due", "masked")
+INPUT_COUNTS = ("sdc_inputs", "sdc5_inputs", "due_inputs")
+LABELLED = ("sdc_correct_inputs", "accuracy")
+FIGURES = ("max_abs_dev", "rel_l2", "identical")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Golden:
+    """The fault-free run: its output, logits [B, C], top-1, top-5, correctness if labelled."""
+
+    output: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray | None
+    top1: np.ndarray
+    top5: np.ndarray
+    correct: np.ndarray | None
+
+    @property
+    def batch(self) -> int:
+        """Number of inputs in the evaluation batch."""
+        return int(self.logits.shape[0])
+
+    @property
+    def n_correct(self) -> int | None:
+        """Inputs golden classifies correctly (None without labels)."""
+        return None if self.correct is None else int(self.correct.sum())
+
+    @property
+    def accuracy(self) -> float | None:
+        """Golden accuracy (None without labels)."""
+        return None if self.correct is None else float(self.correct.mean())
+
+
+def _as_matrix(logits: Any, what: str) -> np.ndarray:
+    arr = np.asarray(logits)
+    if arr.ndim == 0:
+        raise ValueError(f"{what} must have a leading batch axis, got a scalar")
+    return arr.reshape(arr.shape[0], -1)
+
+
+def golden(logits: Any, labels: Any = None) -> Golden:
+    """Golden figures from fault-free logits ([B, ...] -> [B, C]) and optional labels [B]."""
+    output = np.asarray(logits)
+    matrix = _as_matrix(output, "golden logits")
+    bad = ~np.isfinite(matrix.astype(np.float64))
+    if bad.any():
+        raise ValueError(
+            f"the fault-free run gave {int(bad.sum())} non-finite logits (first at input "
+            f"{int(np.argwhere(bad)[0][0])}); a campaign needs a finite golden output")
+    k = min(TOP_K, matrix.shape[1])
+    order = np.argsort(-matrix.astype(np.float64), axis=1, kind="stable")
+    top5 = order[:, :k]
+    correct = None
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (matrix.shape[0],) or labels.dtype.kind not in "iu":
+            raise ValueError(
+                f"labels must be integers of shape ({matrix.shape[0]},) (one class per "
+                f"input), got {labels.dtype}{list(labels.shape)}")
+        correct = top5[:, 0] == labels
+    return Golden(output, matrix, labels, top5[:, 0], top5, correct)
+
+
+def builtin_names(labelled: bool) -> tuple[str, ...]:
+    """Names of the built-in outcome columns, in table order."""
+    return EVENTS + INPUT_COUNTS + (LABELLED if labelled else ()) + FIGURES
+
+
+def classification(g: Golden, outputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Built-in outcomes of T trials whose outputs are [T, B, ...]."""
+    if outputs.shape[1:] != g.output.shape:
+        raise ValueError(f"trial outputs have shape {list(outputs.shape[1:])}, golden "
+                         f"{list(g.output.shape)}")
+    t = outputs.shape[0]
+    faulty = outputs.reshape(t, *g.logits.shape)
+    wide = faulty.astype(np.float64)
+    finite = np.isfinite(wide).all(axis=2)
+    top1 = np.argmax(np.where(np.isfinite(wide), wide, -np.inf), axis=2)
+    changed = finite & (top1 != g.top1)
+    left5 = finite & ~(top1[:, :, None] == g.top5[None]).any(axis=2)
+    out = {
+        "sdc_inputs": changed.sum(axis=1),
+        "sdc5_inputs": left5.sum(axis=1),
+        "due_inputs": (~finite).sum(axis=1),
+    }
+    out["sdc"], out["sdc5"], out["due"] = (out[n] > 0 for n in INPUT_COUNTS)
+    out["masked"] = ~(out["sdc"] | out["due"])
+    if g.correct is not None:
+        out["sdc_correct_inputs"] = (changed & g.correct).sum(axis=1)
+        out["accuracy"] = (finite & (top1 == g.labels)).mean(axis=1)
+    out.update(_deviation(g.logits, faulty))
+    return {name: np.asarray(out[name]) for name in builtin_names(g.correct is not None)}
+
+
+def _deviation(golden_logits: np.ndarray, faulty: np.ndarray) -> dict[str, np.ndarray]:
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = faulty.astype(np.float64) - golden_logits.astype(np.float64)[None]
+        bad = ~np.isfinite(diff).all(axis=(1, 2))
+        diff = np.where(np.isfinite(diff), diff, 0.0)
+        max_abs = np.abs(diff).max(axis=(1, 2))
+        norm = np.sqrt((diff * diff).sum(axis=(1, 2)))
+        base = float(np.sqrt((golden_logits.astype(np.float64) ** 2).sum()))
+        rel = norm / base if base > 0 else np.where(norm > 0, np.inf, 0.0)
+    uint = np.dtype(f"u{faulty.dtype.itemsize}")
+    same = (faulty.view(uint) == golden_logits.view(uint)[None]).all(axis=(1, 2))
+    return {"max_abs_dev": np.where(bad, np.inf, max_abs),
+            "rel_l2": np.where(bad, np.inf, rel),
+            "identical": same}
+
+
+def custom_names(fns: Sequence[OutcomeFn], g: Golden, taken: Sequence[str]) -> dict[str, np.dtype]:
+    """Column names and dtypes of custom outcomes, found by calling each on golden vs golden."""
+    columns: dict[str, np.dtype] = {}
+    for fn in fns:
+        if not callable(fn):
+            raise TypeError(f"outcome functions must be callable, got {fn!r}")
+        for name, value in _call(fn, g, g.output).items():
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise ValueError(f"outcome name {name!r} from {_fn_name(fn)} must be a "
+                                 "letter followed by letters, digits or '_'")
+            if name in columns or name in taken:
+                raise ValueError(f"outcome name {name!r} from {_fn_name(fn)} is already used; "
+                                 f"taken: {sorted(set(taken) | set(columns))}")
+            columns[name] = np.dtype(bool) if isinstance(value, (bool, np.bool_)) else np.dtype(np.float64)
+    return columns
+
+
+def custom(fns: Sequence[OutcomeFn], columns: Mapping[str, np.dtype], g: Golden,
+           outputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Custom outcomes of T trials whose outputs are [T, B, ...], one call per trial."""
+    out = {name: np.zeros(outputs.shape[0], dtype) for name, dtype in columns.items()}
+    for t in range(outputs.shape[0]):
+        for fn in fns:
+            for name, value in _call(fn, g, outputs[t]).items():
+                if name not in out:
+                    raise ValueError(f"{_fn_name(fn)} returned a new outcome {name!r}; it "
+                                     f"must always return {sorted(columns)}")
+                out[name][t] = value
+    return out
+
+
+def _call(fn: OutcomeFn, g: Golden, faulty: np.ndarray) -> dict[str, Any]:
+    result = fn(g.output, faulty, g.labels)
+    if not isinstance(result, Mapping):
+        raise TypeError(f"outcome function {_fn_name(fn)} must return a dict of scalars, "
+                        f"got {type(result).__name__}")
+    values = {}
+    for name, value in result.items():
+        arr = np.asarray(value)
+        if arr.shape != () or arr.dtype.kind not in "biuf":
+            raise TypeError(f"outcome {name!r} of {_fn_name(fn)} must be a real scalar, got "
+                            f"{arr.dtype}{list(arr.shape)}")
+        values[name] = arr.item()
+    return values
+
+
+def _fn_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)

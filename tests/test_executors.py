@@ -1,0 +1,195 @@
+"""Executors: every executor, chunk size and device count gives the same bits.
+
+Run as a script (``python tests/test_executors.py OUT``), this file computes the
+reference trials on however many devices JAX sees and saves them to OUT: the
+4-device test runs it in a subprocess with XLA_FLAGS set before jax starts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxfi
+from jaxfi._src import executors as ex
+from jaxfi._src.batching import batch_invariant
+
+TRIALS = 70  # not a multiple of 64 or 7: the last chunk is padded
+
+
+def cnn(params, x):
+    """A tiny CNN with a convolution, a float reduction, tanh and two matmuls."""
+    h = lax.conv_general_dilated(x, params["conv"], (1, 1), "SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jnp.tanh(h).mean(axis=(1, 2))
+    h = jax.nn.relu(h @ params["w1"] + params["b1"])
+    return h @ params["w2"]
+
+
+def make_trials() -> ex.Trials:
+    """Weight faults at a bit error rate (several per trial) plus one input fault."""
+    k = jax.random.split(jax.random.key(42), 5)
+    params = {"conv": jax.random.normal(k[0], (3, 3, 1, 4)),
+              "w1": jax.random.normal(k[1], (4, 8)), "b1": jax.random.normal(k[2], (8,)),
+              "w2": jax.random.normal(k[3], (8, 3))}
+    x = jax.random.normal(k[4], (16, 6, 6, 1))
+    plans = (jaxfi.Plan(jaxfi.Params(), jaxfi.BitFlip(), ber=1e-3),
+             jaxfi.Plan(jaxfi.Inputs(), jaxfi.BitFlip(bits="mantissa")))
+    return ex.Trials(ex.trial_function(jaxfi.faulty(cnn, *plans)), jax.random.key(7), params, x)
+
+
+def compute(executor, chunk_size: int, trials: ex.Trials, devices=None) -> ex.Outputs:
+    """Trials 0..TRIALS-1 in chunks, concatenated."""
+    runner = executor.build(trials, chunk_size, devices or jax.local_devices())
+    parts = [runner(a, min(a + chunk_size, TRIALS)) for a in range(0, TRIALS, chunk_size)]
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+
+
+CASES = [(ex.VmapExecutor(), 1), (ex.VmapExecutor(), 7), (ex.VmapExecutor(), 64),
+         (ex.MapExecutor(), 7), (ex.MapExecutor(batch_size=3), 7), (ex.LoopExecutor(), 7)]
+
+
+@pytest.fixture(scope="module")
+def trials():
+    return make_trials()
+
+
+@pytest.fixture(scope="module")
+def reference(trials):
+    """Every trial computed alone by the jitted single trial (the definition)."""
+    outs = [trials.replay(i) for i in range(TRIALS)]
+    return jax.tree.map(lambda *xs: np.stack(xs), *outs)
+
+
+def test_reference_has_multi_fault_trials(reference):
+    _, (weights, inputs) = reference
+    assert weights.valid.sum(axis=1).max() >= 2
+    assert inputs.valid.all()
+
+
+@pytest.mark.parametrize("executor,chunk_size", CASES, ids=lambda c: getattr(c, "name", str(c)))
+def test_executor_is_bitwise_equal_to_single_trials(trials, reference, executor, chunk_size):
+    assert ex.same_bits(compute(executor, chunk_size, trials), reference)
+
+
+def test_trial_key_is_fold_in_of_seed(trials):
+    g = jaxfi.faulty(cnn, *[jaxfi.Plan(jaxfi.Params(), jaxfi.BitFlip(), ber=1e-3),
+                            jaxfi.Plan(jaxfi.Inputs(), jaxfi.BitFlip(bits="mantissa"))])
+    direct = jax.jit(g)(jax.random.fold_in(jax.random.key(7), 5), trials.params, trials.inputs)
+    assert ex.same_bits(jax.device_get(direct), trials.replay(5))
+
+
+def test_four_devices_match_one(tmp_path, reference):
+    out = tmp_path / "four.npz"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, __file__, str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = np.load(out)
+    assert int(saved["devices"]) == 4
+    leaves = jax.tree.leaves(reference)
+    for name in sorted({k.rsplit("/", 1)[0] for k in saved.files if "/" in k}):
+        got = [saved[f"{name}/{i}"] for i in range(len(leaves))]
+        assert ex.same_bits(got, leaves), name
+
+
+def _main(path: str) -> None:
+    trials = make_trials()
+    saved = {"devices": np.asarray(len(jax.local_devices()))}
+    for executor, chunk_size in [(ex.VmapExecutor(), 7), (ex.VmapExecutor(), 1),
+                                 (ex.MapExecutor(), 7), (ex.LoopExecutor(), 7)]:
+        leaves = jax.tree.leaves(compute(executor, chunk_size, trials))
+        saved.update({f"{executor.name}-{chunk_size}/{i}": a for i, a in enumerate(leaves)})
+    np.savez(path, **saved)
+
+
+def test_batch_invariant_matches_unbatched_for_every_width():
+    def f(w, x):
+        y = jnp.tanh(x @ w)
+        y = y + jnp.sum(y * y, axis=-1, keepdims=True)
+        return jnp.cumsum(y, axis=0) / jnp.prod(1.0 + 0.01 * y)
+    k1, k2 = jax.random.split(jax.random.key(0))
+    ws, x = jax.random.normal(k1, (64, 24, 40)), jax.random.normal(k2, (32, 24))
+    alone = np.stack([np.asarray(jax.jit(f)(ws[i], x)) for i in range(64)])
+    g = batch_invariant(f, ws[0], x)
+    for width in (1, 3, 7, 64):
+        got = np.asarray(jax.jit(jax.vmap(g, in_axes=(0, None)))(ws[:width], x))
+        assert got.tobytes() == alone[:width].tobytes(), width
+
+
+def test_batch_invariant_rewrites_scan_bodies():
+    def f(ws, x):
+        return lax.scan(lambda h, w: (jnp.tanh(h @ w) + 0.1 * h.sum(), None), x, ws)[0]
+    k1, k2 = jax.random.split(jax.random.key(1))
+    ws, x = jax.random.normal(k1, (16, 3, 20, 20)) / 4, jax.random.normal(k2, (30, 20))
+    alone = np.stack([np.asarray(jax.jit(f)(ws[i], x)) for i in range(16)])
+    g = batch_invariant(f, ws[0], x)
+    for width in (5, 16):
+        got = np.asarray(jax.jit(jax.vmap(g, in_axes=(0, None)))(ws[:width], x))
+        assert got.tobytes() == alone[:width].tobytes(), width
+
+
+def test_batch_invariant_is_the_function_when_unbatched(trials):
+    direct = trials.single(trials.base_key, np.int32(3), trials.params, trials.inputs)
+    rewritten = jax.jit(trials.invariant)(trials.base_key, np.int32(3), trials.params, trials.inputs)
+    assert ex.same_bits(jax.device_get(direct), jax.device_get(rewritten))
+
+
+class _Corrupting:
+    """A candidate whose results differ from the unbatched trial in one bit."""
+
+    name = "corrupt"
+
+    def build(self, trials, chunk_size, devices):
+        inner = ex.LoopExecutor().build(trials, chunk_size, devices)
+
+        class Runner:
+            name, width, compile_seconds = "corrupt", chunk_size, 0.0
+
+            def __call__(self, start, stop):
+                output, records = inner(start, stop)
+                output = output.copy()
+                output.view(np.uint32)[0, 0, 0] ^= 1
+                return output, records
+
+        return Runner()
+
+
+def test_verify_refuses_different_bits(trials):
+    output, records = _Corrupting().build(trials, 4, jax.local_devices())(0, 4)
+    with pytest.raises(ex.NotBitwiseError, match="trial 0"):
+        ex.verify("corrupt", (output, records), trials, 0, 4)
+    good = ex.LoopExecutor().build(trials, 4, jax.local_devices())(0, 4)
+    ex.verify("loop", good, trials, 0, 4)
+
+
+def test_auto_never_chooses_an_inconsistent_executor(trials, reference):
+    auto = ex.AutoExecutor(candidates=(_Corrupting(), "vmap"), probe=4)
+    runner, chunk, table = ex.choose(auto, trials, 8, jax.local_devices(), 0, 8)
+    assert runner.name == "vmap"
+    assert table.set_index("executor")["bitwise"].to_dict() == {"corrupt": False, "vmap": True}
+    assert ex.same_bits(chunk, jax.tree.map(lambda a: a[:8], reference))
+
+
+def test_executor_names_and_errors():
+    assert isinstance(ex.executor("vmap"), ex.VmapExecutor)
+    assert ex.executor(ex.MapExecutor(4)).name == "map(batch_size=4)"
+    assert ex.AutoExecutor().candidates[0].name == "vmap"
+    with pytest.raises(ValueError, match="executor must be one of"):
+        ex.executor("pmap")
+    with pytest.raises(ValueError, match="batch_size"):
+        ex.MapExecutor(0)
+    with pytest.raises(ValueError, match="none of them 'auto'"):
+        ex.AutoExecutor(candidates=("auto",))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
