@@ -1,0 +1,111 @@
+"""Fault-aware training: every optimiser step runs its forward pass under a fresh fault trial.
+
+``fault_aware_step(loss_fn, optimizer, *plans)`` returns a jitted
+``step(state, batch, key) -> (state, info)``. Step ``t`` draws its faults from
+``fold_in(key, t)`` (``t`` is ``state.step``), so pass the same base key every
+step and each step still sees new faults; replaying a step replays its faults.
+
+What gets faulted: ``loss_fn(params, batch, model_state)`` is wrapped by
+``jaxfi.faulty``, so params plans corrupt a copy of the params, inputs plans
+the batch (``arg1/...``) and model state (``arg2/...``), activations plans the
+intermediate values. The clean params are what the optimiser updates.
+
+Gradients: the update is the derivative of the faulty loss with respect to the
+clean params. Every weight that was not hit receives ``dL/dw`` evaluated on the
+faulty forward pass (straight-through: the faulty copy is the clean value
+there). A hit weight receives zero for that step: its faulty value does not
+depend on its clean value, and a gradient taken at, say, a flipped exponent
+says nothing useful about the clean weight. Likewise a faulted activation value
+is a constant, so no gradient flows back through the faulted elements (their
+neighbours at the same site pass gradients unchanged).
+
+A fault can make the loss or the gradients non-finite (an exponent flip to inf
+or NaN). Such a step is skipped: params, optimiser and model state stay as they
+were, ``info.applied`` is False, and the step counter still advances so the
+next step draws new faults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxfi._src.inject import Record
+from jaxfi._src.plan import Plan
+from jaxfi._src.trial import faulty
+
+LossFn = Callable[[Any, Any, Any], tuple[jax.Array, Any]]
+
+
+class TrainState(NamedTuple):
+    """Trainable ``params``, ``opt_state``, non-trainable ``model_state`` (e.g.
+    BatchNorm statistics, ``()`` if none) and the ``step`` counter."""
+
+    params: Any
+    opt_state: Any
+    model_state: Any
+    step: jax.Array
+
+
+class StepInfo(NamedTuple):
+    """One step: the faulty forward's ``loss``, whether the update was ``applied``
+    (False: non-finite loss or gradient, step skipped) and one ``Record`` per plan."""
+
+    loss: jax.Array
+    applied: jax.Array
+    records: tuple[Record, ...]
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation,
+               model_state: Any = ()) -> TrainState:
+    """The state before step 0."""
+    return TrainState(params, optimizer.init(params), model_state, jnp.zeros((), jnp.int32))
+
+
+def fault_aware_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                     *plans: Plan) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, StepInfo]]:
+    """A jitted ``step(state, batch, key) -> (state, info)`` that trains under ``plans``' faults.
+
+    ``loss_fn(params, batch, model_state) -> (loss, new_model_state)``. With no
+    plans (or plans that place no fault: ``count=0``, ``ber=0.0``) the step is
+    bitwise the plain optax step. See the module notes for the gradients.
+    """
+    forward = faulty(loss_fn, *plans) if plans else _fault_free(loss_fn)
+
+    def step(state: TrainState, batch: Any, key: jax.Array) -> tuple[TrainState, StepInfo]:
+        trial_key = jax.random.fold_in(key, state.step)
+
+        def objective(params: Any) -> tuple[jax.Array, tuple[Any, tuple[Record, ...]]]:
+            (loss, model_state), records = forward(trial_key, params, batch, state.model_state)
+            return loss, (model_state, records)
+
+        value_and_grad = jax.value_and_grad(objective, has_aux=True)
+        (loss, (model_state, records)), grads = value_and_grad(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        applied = jnp.isfinite(loss) & _all_finite(grads)
+        new = TrainState(*_where(applied, (params, opt_state, model_state),
+                                 (state.params, state.opt_state, state.model_state)),
+                         state.step + 1)
+        return new, StepInfo(loss, applied, records)
+
+    return jax.jit(step)
+
+
+def _fault_free(loss_fn: LossFn) -> Callable[..., Any]:
+    """``loss_fn`` in ``faulty``'s calling convention, with no plans and no records."""
+    return lambda key, *args: (loss_fn(*args), ())
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _where(pred: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)

@@ -1,0 +1,214 @@
+"""Tests for fault-aware training (jaxfi.fault_aware_step, jaxfi.fault_aware) and range restriction."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+import pytest
+
+import jaxfi
+from jaxfi import data, fault_aware, models, training
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+LR = 0.1
+
+
+def mlp_loss(params, batch, model_state):
+    """A two-layer ReLU regression, named so that activation sites are stable."""
+    x, y = batch
+    with jax.named_scope("hidden"):
+        h = jax.nn.relu(x @ params["w1"] + params["b1"])
+    return jnp.mean((h @ params["w2"] - y) ** 2), model_state
+
+
+@pytest.fixture(scope="module")
+def setup():
+    k = jax.random.split(jax.random.key(0), 4)
+    params = {"w1": jax.random.normal(k[0], (8, 16)) / 3, "b1": jnp.zeros(16),
+              "w2": jax.random.normal(k[1], (16, 2)) / 4}
+    batch = (jax.random.normal(k[2], (32, 8)), jax.random.normal(k[3], (32, 2)))
+    return params, batch
+
+
+def bits(tree):
+    return [np.asarray(x).view(np.uint32) for x in jax.tree.leaves(tree)]
+
+
+def same_bits(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(bits(a), bits(b)))
+
+
+def run(plans, params, batch, steps=3, optimizer=None):
+    tx = optimizer or optax.adam(1e-2)
+    step = jaxfi.fault_aware_step(mlp_loss, tx, *plans)
+    state, infos = jaxfi.init_state(params, tx), []
+    for _ in range(steps):
+        state, info = step(state, batch, jax.random.key(7))
+        infos.append(info)
+    return state, infos
+
+
+def test_faulty_step_jits_with_finite_loss_and_nonzero_gradients(setup):
+    params, batch = setup
+    plans = (jaxfi.Plan(jaxfi.Params(), count=3), jaxfi.Plan(jaxfi.Activations("hidden"), count=2))
+    state, infos = run(plans, params, batch, steps=2, optimizer=optax.sgd(LR))
+    assert int(state.step) == 2
+    for info in infos:
+        assert bool(info.applied) and np.isfinite(float(info.loss))
+        assert [int(r.count) for r in info.records] == [3, 2]
+    moved = jax.tree.map(lambda a, b: np.asarray(a != b).mean(), state.params, params)
+    assert all(m > 0.5 for m in jax.tree.leaves(moved)), moved
+
+
+def test_each_step_draws_new_faults(setup):
+    params, batch = setup
+    _, infos = run((jaxfi.Plan(jaxfi.Params(), count=4),), params, batch, steps=2)
+    first, second = (np.asarray(i.records[0].index) for i in infos)
+    assert not np.array_equal(first, second)
+
+
+def test_gradient_is_straight_through_except_at_hit_weights(setup):
+    params, batch = setup
+    plan = jaxfi.Plan(jaxfi.Params("w1"), count=5)
+    key = jax.random.key(7)
+    state, (info,) = run((plan,), params, batch, steps=1, optimizer=optax.sgd(LR))
+    # Step 0 draws from fold_in(key, 0); faulty gives plan 0 fold_in(that, 0).
+    faulty_params, record = jaxfi.inject(jax.random.fold_in(jax.random.fold_in(key, 0), 0), params, plan)
+    grads = jax.grad(lambda p: mlp_loss(p, batch, ())[0])(faulty_params)
+    hit = np.zeros(params["w1"].size, bool)
+    hit[np.asarray(record.index)[np.asarray(record.valid)]] = True
+    expected = jax.tree.map(lambda p, g: np.asarray(p - LR * g).reshape(-1), params, grads)
+    got = jax.tree.map(lambda p: np.asarray(p).reshape(-1), state.params)
+    assert hit.sum() == 5 and np.all(got["w1"][hit] == np.asarray(params["w1"]).reshape(-1)[hit])
+    np.testing.assert_allclose(got["w1"][~hit], expected["w1"][~hit], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["w2"], expected["w2"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("plan", [
+    jaxfi.Plan(jaxfi.Params(), count=0),
+    jaxfi.Plan(jaxfi.Params(), ber=0.0),
+    jaxfi.Plan(jaxfi.Activations(), ber=0.0),
+], ids=["params-count0", "params-ber0", "activations-ber0"])
+def test_rate_zero_is_bitwise_the_plain_step(setup, plan):
+    params, batch = setup
+    plain, _ = run((), params, batch)
+    faulty, infos = run((plan,), params, batch)
+    assert same_bits(plain, faulty)
+    assert all(int(i.records[0].count) == 0 for i in infos)
+
+
+def test_non_finite_step_is_skipped(setup):
+    params, batch = setup
+    to_inf = jaxfi.Plan(jaxfi.Params("w2"), fault=jaxfi.StuckAt(1, bits="exponent"), count=1)
+    tx = optax.adam(1e-2)
+    state, (info,) = run((to_inf,), params, batch, steps=1, optimizer=tx)
+    assert not bool(info.applied) and int(state.step) == 1
+    assert same_bits(state.params, params) and same_bits(state.opt_state, tx.init(params))
+
+
+def test_train_without_faults_matches_training_train():
+    subset = data.eval_subset(data.load("mnist5k", "train"), 256)
+    model = models.get_model("mlp", hidden=(32,))
+    settings = dict(epochs=1, batch_size=64, learning_rate=1e-3, weight_decay=1e-4, log=None)
+    expected, want = training.train(model, subset, **settings)
+    got, metrics = fault_aware.train(model, subset, **settings)
+    assert same_bits(expected, got)
+    assert metrics["train_loss"] == want["train_loss"] and metrics["skipped_steps"] == [0]
+
+
+def test_train_with_faults_reports_them():
+    subset = data.eval_subset(data.load("mnist5k", "train"), 256)
+    model = models.get_model("mlp", hidden=(32,))
+    plan = jaxfi.Plan(jaxfi.Params("kernel"), count=2)
+    _, metrics = fault_aware.train(model, subset, subset, plans=[plan], epochs=1, batch_size=64,
+                                   learning_rate=1e-3, log=None)
+    assert metrics["faults_per_step"] == [2.0] and metrics["final_test_accuracy"] > 0.1
+
+
+# ----------------------------------------------------------------------------- range restriction
+
+
+def relu_scaled(params, x):
+    """Output is the ReLU site itself, so restriction is visible in the output."""
+    with jax.named_scope("act"):
+        return jax.nn.relu(x * params["scale"])
+
+
+SITE = "act/max:0"
+
+
+def test_record_bounds_are_min_and_max_over_batches():
+    params = {"scale": jnp.float32(2.0)}
+    batches = [jnp.linspace(-1, 1, 7), jnp.linspace(0, 3, 5)]
+    bounds = jaxfi.record_bounds(relu_scaled, SITE, params, batches)
+    assert bounds == {SITE: (0.0, 6.0)}
+
+
+def test_restrict_clamps_and_leaves_in_range_values_bitwise():
+    params = {"scale": jnp.float32(1.0)}
+    x = jnp.array([-0.0, 0.0, 1e-30, 0.3, 1.0, 1.5, 1e30, jnp.inf, jnp.nan], jnp.float32)
+    out = jax.jit(jaxfi.restrict(relu_scaled, {SITE: (0.0, 1.0)}))(params, x)
+    plain = relu_scaled(params, x)
+    np.testing.assert_array_equal(bits(out[:5]), bits(plain[:5]))
+    np.testing.assert_array_equal(np.asarray(out[5:]), [1.0, 1.0, 1.0, 0.0])
+
+
+def test_restrict_keeps_site_names_and_composes_with_vmap():
+    params = {"scale": jnp.float32(3.0)}
+    x = jnp.linspace(-1, 1, 12).reshape(3, 4)
+    restricted = jaxfi.restrict(relu_scaled, {SITE: (0.0, 1.5)})
+    names = lambda fn: [s.name for s in jaxfi.activation_sites(fn, params, x)]
+    extra = [s for s in jaxfi.activation_sites(restricted, params, x) if s.name not in names(relu_scaled)]
+    assert set(names(relu_scaled)) <= set(names(restricted))
+    assert extra and all(s.scope.endswith("jaxfi") for s in extra)
+    batched = jax.jit(jax.vmap(restricted, in_axes=(None, 0)))(params, x)
+    np.testing.assert_array_equal(batched, jnp.clip(relu_scaled(params, x), 0.0, 1.5))
+
+
+@pytest.mark.parametrize("fault,where", [
+    (jaxfi.StuckAt(1, bits="exponent"), "activations"),
+    (jaxfi.StuckAt(1, bits=30), "activations"),
+    (jaxfi.StuckAt(1, bits="exponent"), "params"),
+])
+def test_restriction_acts_after_faults(fault, where):
+    params = {"scale": jnp.float32(0.5)}
+    x = jnp.linspace(0.1, 1.0, 16)
+    sites = jaxfi.Activations(SITE) if where == "activations" else jaxfi.Params()
+    plan = jaxfi.Plan(sites, fault=fault, count=3 if where == "activations" else 1)
+    keys = jax.random.split(jax.random.key(1), 8)
+    trial = jax.jit(jax.vmap(jaxfi.faulty(jaxfi.restrict(relu_scaled, {SITE: (0.0, 0.5)}), plan),
+                             in_axes=(0, None, None)))
+    unprotected = jax.vmap(jaxfi.faulty(relu_scaled, plan), in_axes=(0, None, None))
+    out, _ = trial(keys, params, x)
+    raw, _ = unprotected(keys, params, x)
+    assert not np.all(np.isfinite(raw) & (raw <= 0.5))  # the faults do leave the range
+    assert np.all((out >= 0.0) & (out <= 0.5))
+
+
+def test_restrict_rejects_bad_bounds_and_unknown_sites():
+    params = {"scale": jnp.float32(1.0)}
+    with pytest.raises(ValueError, match="lo <= hi"):
+        jaxfi.restrict(relu_scaled, {SITE: (1.0, 0.0)})
+    with pytest.raises(ValueError, match="unknown activation site"):
+        jaxfi.restrict(relu_scaled, {"act/max:7": (0.0, 1.0)})(params, jnp.ones(3))
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+def test_experiment_smoke(tmp_path):
+    cmd = [sys.executable, str(REPO / "experiments" / "fault_aware.py"), f"--workdir={tmp_path}",
+           "--quick", "--model=mlp", "--rates=1e-4", "--trials=2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "fault_aware.csv")
+    assert len(table) == 4 and table["error"].between(0, 1).all()
+    assert (table["lo"] <= table["error"]).all() and (table["error"] <= table["hi"]).all()
+    assert (tmp_path / "fault_aware.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "fault_aware.json").read_text())["quick"] is True
