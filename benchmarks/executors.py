@@ -54,7 +54,7 @@ def main() -> None:
     images = jaxfi.data.load("mnist5k", "test", num_examples=BATCH).images
     plan = jaxfi.Plan(jaxfi.Params(args.sites), jaxfi.BitFlip())
     trials = ex.Trials(ex.trial_function(jaxfi.faulty(apply_fn, plan)), jax.random.key(0),
-                       params, images)
+                       params, images, apply_fn, (plan,))
     golden = _golden_rate(apply_fn, params, images)
 
     print(f"LeNet-5, {param_count(params):,} parameters, batch {BATCH}, one "
@@ -62,7 +62,8 @@ def main() -> None:
           f"{len(jax.local_devices())} device(s)")
     print(f"{'golden forward':<22}{golden:10.1f} batches/s")
     reference = None
-    for executor in (ex.LoopExecutor(), ex.MapExecutor(), ex.MapExecutor(8), ex.VmapExecutor()):
+    for executor in (ex.LoopExecutor(), ex.MapExecutor(), ex.MapExecutor(8), ex.VmapExecutor(),
+                     ex.GroupedExecutor()):
         runner = executor.build(trials, args.chunk, jax.local_devices())
         rate, out = _rate(runner, args.trials)
         reference = out if reference is None else reference

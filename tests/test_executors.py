@@ -42,7 +42,8 @@ def make_trials() -> ex.Trials:
     x = jax.random.normal(k[4], (16, 6, 6, 1))
     plans = (jaxfi.Plan(jaxfi.Params(), jaxfi.BitFlip(), ber=1e-3),
              jaxfi.Plan(jaxfi.Inputs(), jaxfi.BitFlip(bits="mantissa")))
-    return ex.Trials(ex.trial_function(jaxfi.faulty(cnn, *plans)), jax.random.key(7), params, x)
+    return ex.Trials(ex.trial_function(jaxfi.faulty(cnn, *plans)), jax.random.key(7), params, x,
+                     cnn, plans)
 
 
 def compute(executor, chunk_size: int, trials: ex.Trials, devices=None) -> ex.Outputs:
@@ -53,7 +54,8 @@ def compute(executor, chunk_size: int, trials: ex.Trials, devices=None) -> ex.Ou
 
 
 CASES = [(ex.VmapExecutor(), 1), (ex.VmapExecutor(), 7), (ex.VmapExecutor(), 64),
-         (ex.MapExecutor(), 7), (ex.MapExecutor(batch_size=3), 7), (ex.LoopExecutor(), 7)]
+         (ex.MapExecutor(), 7), (ex.MapExecutor(batch_size=3), 7), (ex.LoopExecutor(), 7),
+         (ex.GroupedExecutor(4), 7), (ex.GroupedExecutor(8), 64)]
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +184,7 @@ def test_auto_never_chooses_an_inconsistent_executor(trials, reference):
 def test_executor_names_and_errors():
     assert isinstance(ex.executor("vmap"), ex.VmapExecutor)
     assert ex.executor(ex.MapExecutor(4)).name == "map(batch_size=4)"
-    assert ex.AutoExecutor().candidates[0].name == "vmap"
+    assert ex.AutoExecutor().candidates[0].name == "grouped(width=16)"
     with pytest.raises(ValueError, match="executor must be one of"):
         ex.executor("pmap")
     with pytest.raises(ValueError, match="batch_size"):
@@ -193,3 +195,17 @@ def test_executor_names_and_errors():
 
 if __name__ == "__main__":
     _main(sys.argv[1])
+
+
+@pytest.mark.parametrize("plan", [jaxfi.Plan(jaxfi.Params(), count=1), jaxfi.Plan(jaxfi.Params(), ber=2e-3)],
+                         ids=["count", "ber"])
+def test_grouped_prefix_split_is_bitwise_equal_to_single_trials(plan):
+    """Params-only plans take the split path: golden prefix once, suffix per trial."""
+    base = make_trials()
+    trials = ex.Trials(ex.trial_function(jaxfi.faulty(cnn, plan)), base.base_key, base.params,
+                       base.inputs, cnn, (plan,))
+    expected = jax.tree.map(lambda *xs: np.stack(xs), *[trials.replay(i) for i in range(24)])
+    runner = ex.GroupedExecutor(4).build(trials, 24, jax.local_devices())
+    assert ex.same_bits(runner(0, 24), expected)
+    sites_hit = {int(s) for s in np.asarray(expected[1][0].site)[:, 0] if s >= 0}
+    assert len(sites_hit) >= 2

@@ -38,6 +38,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxfi._src.batching import batch_invariant
+from jaxfi._src.grouped import GroupedExecutor
 from jaxfi._src.inject import Record
 
 TRIAL_AXIS = "trials"
@@ -53,13 +54,16 @@ class Trials:
     """A campaign's trial function and the arguments it runs on.
 
     ``fn(base_key, index, params, inputs) -> (output, records)``; trial ``i``
-    uses ``jax.random.fold_in(base_key, i)``.
+    uses ``jax.random.fold_in(base_key, i)``. ``apply_fn`` and ``plans``
+    (what ``fn`` was built from) let executors specialise trials.
     """
 
     fn: Callable[..., Any]
     base_key: jax.Array
     params: Any
     inputs: Any
+    apply_fn: Callable[..., Any] | None = None
+    plans: tuple[Any, ...] | None = None
 
     @functools.cached_property
     def single(self) -> Callable[..., Any]:
@@ -208,7 +212,7 @@ class AutoExecutor:
     whose results differ from it in any bit is never chosen.
     """
 
-    candidates: tuple[Any, ...] = ("vmap", "map", MapExecutor(8), "loop")
+    candidates: tuple[Any, ...] = ("grouped", "vmap", "map", MapExecutor(8), "loop")
     probe: int = 8
     name = "auto"
 
@@ -220,12 +224,13 @@ class AutoExecutor:
             raise ValueError(f"AutoExecutor probe must be >= 1, got {self.probe!r}")
 
 
-Executor = VmapExecutor | MapExecutor | LoopExecutor | AutoExecutor
-_NAMED = {"vmap": VmapExecutor, "map": MapExecutor, "loop": LoopExecutor, "auto": AutoExecutor}
+Executor = VmapExecutor | MapExecutor | LoopExecutor | GroupedExecutor | AutoExecutor
+_NAMED = {"vmap": VmapExecutor, "map": MapExecutor, "loop": LoopExecutor,
+          "grouped": GroupedExecutor, "auto": AutoExecutor}
 
 
 def executor(spec: str | Executor) -> Executor:
-    """An executor from its name ("vmap", "map", "loop", "auto") or an executor object.
+    """An executor from its name ("grouped", "vmap", "map", "loop", "auto") or an executor object.
 
     Any object with a ``name`` and ``build(trials, chunk_size, devices) ->
     Runner`` is an executor.

@@ -1,0 +1,271 @@
+"""Prefix sharing: trials grouped by the first site they hit.
+
+A trial only needs to recompute what depends on its faults. This executor
+first draws every trial's faults (cheap), then groups the chunk's trials by
+the earliest site they hit, in program order, for each plan. A group runs a
+program restricted (``faulty(..., only=...)``) to the sites at or after that
+one, so everything upstream does not depend on the trial and XLA computes it
+once per call instead of once per trial; trials that drew no fault cost
+almost nothing. Within a group, trials run one at a time through
+``lax.map``, which is the unbatched trial program itself: results are equal
+bit for bit to the loop (the campaign's ``verify`` checks it too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jex
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxfi._src import prefix as prefix_lib
+from jaxfi._src.inject import plan_faults
+from jaxfi._src.plan import Plan, Population
+from jaxfi._src.sites import param_sites
+from jaxfi._src.trial import faulty, sites_of
+
+TRIAL_AXIS = "trials"
+_NEVER = np.iinfo(np.int32).max
+Key = tuple[int | None, ...]
+
+
+def _sub_jaxprs(eqn: jex.JaxprEqn) -> list[jex.Jaxpr]:
+    found = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, jex.ClosedJaxpr):
+                found.append(item.jaxpr)
+            elif isinstance(item, jex.Jaxpr):
+                found.append(item)
+    return found
+
+
+def _first_use(jaxpr: jex.Jaxpr, watched: dict[Any, int], order: dict[int, int], clock: list[int]) -> None:
+    """Record, per watched leaf, the position of the first equation reading it."""
+    for eqn in jaxpr.eqns:
+        clock[0] += 1
+        leaves = {watched[v] for v in eqn.invars if isinstance(v, jex.Var) and v in watched}
+        for leaf in leaves:
+            order.setdefault(leaf, clock[0])
+        for body in _sub_jaxprs(eqn):
+            inner = {b: watched[v] for v, b in zip(eqn.invars, body.invars)
+                     if isinstance(v, jex.Var) and v in watched}
+            _first_use(body, inner, order, clock)
+
+
+def param_order(apply_fn: Callable[..., Any], params: Any, inputs: Any) -> dict[str, int]:
+    """Rank of every params leaf by where the program first reads it."""
+    closed = jax.make_jaxpr(apply_fn)(params, inputs)
+    names = [s.name for s in param_sites(params)]
+    n_leaves = len(jax.tree.leaves(params))
+    watched = {v: i for i, v in enumerate(closed.jaxpr.invars[:n_leaves])}
+    order: dict[int, int] = {}
+    _first_use(closed.jaxpr, watched, order, [0])
+    never = 1 + max(order.values(), default=0)
+    return {name: order.get(i, never) for i, name in enumerate(names)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _PlanView:
+    """A plan's population and the program rank of each of its sites."""
+
+    plan: Plan
+    pop: Population
+    rank: tuple[int, ...]
+
+    def only(self, earliest: int | None) -> frozenset[int]:
+        """Sites a trial whose earliest hit has rank ``earliest`` may touch."""
+        if earliest is None:
+            return frozenset()
+        return frozenset(s for s, r in enumerate(self.rank) if r >= earliest)
+
+
+def _layer(site: Any) -> str:
+    """The layer a site belongs to: its module path without the variable
+    collection (params leaves) or the scope that produced it (activations)."""
+    if site.kind == "activations":
+        return getattr(site, "scope", "") or site.name
+    parts = site.name.split("/")
+    return "/".join(parts[1:-1] if len(parts) > 2 else parts[:-1])
+
+
+def _layer_ranks(sites: Sequence[Any], rank: Sequence[int]) -> tuple[int, ...]:
+    """Each site ranked by the earliest site of its layer.
+
+    Grouping by layer rather than by site keeps the number of compiled
+    programs near the number of layers while sharing the same prefix.
+    """
+    first: dict[str, int] = {}
+    for site, r in zip(sites, rank):
+        first[_layer(site)] = min(r, first.get(_layer(site), r))
+    return tuple(first[_layer(site)] for site in sites)
+
+
+def _views(apply_fn, plans: Sequence[Plan], params: Any, inputs: Any) -> list[_PlanView]:
+    views = []
+    order = None
+    for plan in plans:
+        sites = tuple(sites_of(apply_fn, plan, params, inputs))
+        pop = plan.population(sites)
+        if plan.kind == "params":
+            order = order or param_order(apply_fn, params, inputs)
+            rank = [order[s.name] for s in pop.sites]
+        else:
+            # Activation sites are listed in program order; inputs come first.
+            rank = list(range(len(pop.sites))) if plan.kind == "activations" else [0] * len(pop.sites)
+        views.append(_PlanView(plan, pop, _layer_ranks(pop.sites, rank)))
+    return views
+
+
+class GroupedRunner:
+    """Computes trials grouped by the earliest site they hit (see module doc)."""
+
+    def __init__(self, trials: Any, chunk_size: int, devices: Sequence[jax.Device], group_width: int):
+        if trials.apply_fn is None or trials.plans is None:
+            raise ValueError("the grouped executor needs a campaign's apply_fn and plans")
+        self.name = f"grouped(width={group_width})"
+        self.width = chunk_size
+        self._trials = trials
+        self._group = -(-group_width // len(devices)) * len(devices)
+        self._mesh = Mesh(np.asarray(devices), (TRIAL_AXIS,))
+        self._args = jax.device_put((trials.base_key, trials.params, trials.inputs),
+                                    NamedSharding(self._mesh, PartitionSpec()))
+        self._views = _views(trials.apply_fn, trials.plans, trials.params, trials.inputs)
+        self._groups: dict[Key, tuple[Callable[..., Any], Any]] = {}
+        self._programs: dict[tuple[Key, int], Any] = {}
+        began = time.perf_counter()
+        self._hits = jax.jit(self._hit_fn())
+        self.compile_seconds = 0.0
+        self._warm(np.arange(self.width, dtype=np.int32))
+        self.compile_seconds = time.perf_counter() - began
+
+    def _warm(self, indices: np.ndarray) -> None:
+        """Compile the programs of every group (one plan) or of the first chunk's
+        groups (several plans), so that timing a chunk measures running."""
+        groups = self._grouped(indices)
+        if len(self._views) == 1:
+            for rank in set(self._views[0].rank) | {None}:
+                groups.setdefault((rank,), [0])
+        for key, positions in groups.items():
+            # One full-width call and one narrow call: both programs compile.
+            jax.block_until_ready(self._run_group(key, np.resize(indices[positions], self._group + 1)))
+
+    def _hit_fn(self) -> Callable[..., Any]:
+        views = self._views
+
+        def hits(base_key, index):
+            key = jax.random.fold_in(base_key, index)
+            out = []
+            for i, view in enumerate(views):
+                faults = plan_faults(jax.random.fold_in(key, i), view.pop)
+                rank = jnp.asarray(view.rank, jnp.int32)[faults.site]
+                out.append(jnp.min(jnp.where(faults.valid, rank, _NEVER), initial=_NEVER))
+            return out
+
+        return jax.vmap(hits, in_axes=(None, 0))
+
+    def keys(self, indices: np.ndarray) -> list[Key]:
+        """Per trial, the program rank of the earliest site hit by each plan (None: no hit)."""
+        padded = np.resize(indices, self.width).astype(np.int32)
+        earliest = jax.device_get(self._hits(self._args[0], padded))
+        return [tuple(None if int(e[t]) == _NEVER else int(e[t]) for e in earliest)
+                for t in range(len(indices))]
+
+    def _trial(self, key: Key) -> tuple[Callable[..., Any], Any]:
+        """The trial function of a group and the extra argument it reads."""
+        only = tuple(v.only(k) for v, k in zip(self._views, key))
+        plans, apply_fn = self._trials.plans, self._trials.apply_fn
+        if any(v.plan.kind != "params" for v in self._views):
+            fn = faulty(apply_fn, *plans, only=only)
+            return (lambda base_key, i, params, inputs, _: fn(jax.random.fold_in(base_key, i), params, inputs)), ()
+        leaf = {site.name: n for n, site in enumerate(param_sites(self._trials.params))}
+        faulted = sorted({leaf[v.pop.sites[s].name] for v, o in zip(self._views, only) for s in o})
+        cut = prefix_lib.split(apply_fn, self._trials.params, self._trials.inputs, faulted)
+        residuals = jax.jit(cut.prefix)(*self._args[1:])
+
+        def trial(base_key, i, params, inputs, residuals):
+            def rest(p, x):
+                leaves = jax.tree.leaves(p)
+                return cut.suffix(residuals, [leaves[n] for n in cut.faulted])
+            return faulty(rest, *plans, only=only)(jax.random.fold_in(base_key, i), params, inputs)
+
+        return trial, residuals
+
+    def _program(self, key: Key, width: int) -> tuple[Any, Any]:
+        if key not in self._groups:
+            began = time.perf_counter()
+            self._groups[key] = self._trial(key)
+            self.compile_seconds += time.perf_counter() - began
+        trial, extra = self._groups[key]
+        if (key, width) not in self._programs:
+            def local(base_key, indices, params, inputs, extra):
+                return lax.map(lambda i: trial(base_key, i, params, inputs, extra), indices)
+
+            self._programs[key, width] = jax.jit(jax.shard_map(
+                local, mesh=self._mesh, out_specs=PartitionSpec(TRIAL_AXIS), check_vma=False,
+                in_specs=(PartitionSpec(), PartitionSpec(TRIAL_AXIS), PartitionSpec(), PartitionSpec(),
+                          PartitionSpec())))
+        return self._programs[key, width], extra
+
+    def _run_group(self, key: Key, indices: np.ndarray) -> Any:
+        # Full calls of the group width, then the rest in calls as narrow as the
+        # devices allow: no padded trial is ever computed for nothing.
+        full = len(indices) - len(indices) % self._group
+        pieces = [(indices[i:i + self._group], self._group) for i in range(0, full, self._group)]
+        narrow = len(self._mesh.devices.flat)
+        rest = indices[full:]
+        pad = -len(rest) % narrow
+        rest = np.concatenate([rest, np.repeat(rest[-1:], pad)]) if len(rest) else rest
+        pieces += [(rest[i:i + narrow], narrow) for i in range(0, len(rest), narrow)]
+        split = NamedSharding(self._mesh, PartitionSpec(TRIAL_AXIS))
+        base, params, inputs = self._args
+        outs = []
+        for chunk, width in pieces:
+            program, extra = self._program(key, width)
+            outs.append(program(base, jax.device_put(chunk.astype(np.int32), split), params, inputs, extra))
+        host = jax.device_get(outs)
+        return jax.tree.map(lambda *xs: np.concatenate(xs)[:len(indices)], *host)
+
+    def _grouped(self, indices: np.ndarray) -> dict[Key, list[int]]:
+        groups: dict[Key, list[int]] = defaultdict(list)
+        for position, key in enumerate(self.keys(indices)):
+            groups[key].append(position)
+        return groups
+
+    def __call__(self, start: int, stop: int) -> Any:
+        indices = np.arange(start, stop, dtype=np.int32)
+        result = None
+        for key, positions in self._grouped(indices).items():
+            out = self._run_group(key, indices[positions])
+            if result is None:
+                result = jax.tree.map(lambda a: np.empty((len(indices),) + a.shape[1:], a.dtype), out)
+            for dst, src in zip(jax.tree.leaves(result), jax.tree.leaves(out)):
+                dst[positions] = src
+        return result
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedExecutor:
+    """Prefix sharing: trials grouped by earliest hit site, ``group_width`` per call."""
+
+    group_width: int = 16
+
+    def __post_init__(self):
+        if not isinstance(self.group_width, int) or self.group_width < 1:
+            raise ValueError(f"GroupedExecutor group_width must be a positive int, got {self.group_width!r}")
+
+    @property
+    def name(self) -> str:
+        return f"grouped(width={self.group_width})"
+
+    def build(self, trials: Any, chunk_size: int, devices: Sequence[jax.Device]) -> GroupedRunner:
+        """Prepare the fault sampler; group programs compile on first use."""
+        return GroupedRunner(trials, chunk_size, devices, self.group_width)
