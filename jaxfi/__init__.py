@@ -6,6 +6,7 @@ independent trials into one XLA program and report outcome rates with
 confidence intervals.
 """
 
+from jaxfi._src import distributed
 from jaxfi._src.activations import activation_sites, capture, module_output, named_scopes, sites_table
 from jaxfi._src.bits import (
     SUPPORTED_DTYPES,
@@ -41,4 +42,3 @@ from jaxfi._src.store import CorruptChunkError, Store
 from jaxfi._src.trial import faulty, input_sites, sites_of
 
 __version__ = "0.1.0"
-from jaxfi._src import distributed

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from jaxfi._src import executors as exec_lib
 from jaxfi._src import outcomes as outcomes_lib
 from jaxfi._src import stats
+from jaxfi._src.distributed import Layout
 from jaxfi._src.inject import Record
 from jaxfi._src.plan import Plan
 from jaxfi._src.record import record_table
@@ -86,7 +87,8 @@ class Campaign:
         self._custom = outcomes_lib.custom_names(self._outcome_fns, self.golden, builtin)
         self.outcome_names: tuple[str, ...] = builtin + tuple(self._custom)
         self._trials = exec_lib.Trials(exec_lib.trial_function(faulty(apply_fn, *self.plans)),
-                                       jax.random.key(self.seed), params, inputs)
+                                       jax.random.key(self.seed), params, inputs,
+                                       apply_fn, self.plans)
 
     @functools.cached_property
     def config(self) -> dict[str, Any]:
@@ -123,19 +125,34 @@ class Campaign:
         (``confidence``, ``method``) has a half-width of at most ``margin``; the
         trials kept are then a prefix, and the same call stops at the same
         trial again. ``verify`` checks a batched executor's first chunk against
-        the unbatched trial. ``devices``: the devices a chunk is split over
-        (all local ones by default). ``quiet`` hides the progress bar.
+        the unbatched trial. ``devices``: this process's devices a chunk is split
+        over (all local ones by default). ``quiet`` hides the progress bar.
+
+        With several processes (``jaxfi.distributed``) every process makes the
+        same call: each chunk is split over all processes' devices, each
+        process stores its own share, and every process returns the whole
+        table. The processes must agree on the campaign and on these
+        arguments (but for ``executor``, ``verify``, ``quiet``, ``devices``
+        and the store's path), or every process raises a ``ValueError``.
         """
         trials, chunk_size = _positive("trials", trials, 0), _positive("chunk_size", chunk_size, 1)
         if trials > MAX_TRIALS:
             raise ValueError(f"trials must be at most {MAX_TRIALS} (int32 trial indices), got {trials}")
-        devices = list(devices) if devices is not None else jax.local_devices()
-        session = _Session(self, exec_lib.executor(executor), min(chunk_size, max(trials, 1)),
-                           devices, verify, quiet)
-        db = Store(store, self.config) if store is not None else None
+        devices = _own(devices)
+        layout = Layout.current(len(devices), min(chunk_size, max(trials, 1)))
+        layout.agree("the campaign configuration", {
+            "campaign": self.config, "trials": trials, "chunk_size": chunk_size, "margin": margin,
+            "confidence": confidence, "method": method, "store": store is not None})
+        quiet = quiet or layout.index != 0
+        session = _Session(self, exec_lib.executor(executor), layout.width(), devices, verify,
+                           quiet)
+        db = Store(store, self.config, process_index=layout.index) if store is not None else None
         parts = self._stored(db, trials)
         tally = _Tally(self, parts)
         ranges = db.missing(trials) if db is not None else [(0, trials)]
+        if db is not None:
+            layout.agree("the trials already stored", {"missing": ranges},
+                         f"\nThe store {db.path} must be on a file system every process shares.")
         stopped = False
         with tqdm(total=trials, initial=tally.trials, unit="trial", disable=quiet,
                   desc="campaign", dynamic_ncols=True) as bar:
@@ -144,16 +161,26 @@ class Campaign:
                 if margin is not None and tally.converged(margin, confidence, method):
                     stopped = True
                     break
-                parts.append(self._chunk(session, db, start, stop))
+                parts.append(self._chunk(session, db, layout, start, stop))
                 tally.add(parts[-1])
                 bar.update(stop - start)
         return self._result(parts, session.name, session.timings, stopped, trials)
 
-    def _chunk(self, session: _Session, db: Store | None, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Compute trials [start, stop), store them, and return their columns."""
-        columns = self._columns(session.compute(start, stop))
-        if db is not None:
-            db.write_chunk(start, stop, columns)
+    def _chunk(self, session: _Session, db: Store | None, layout: Layout,
+               start: int, stop: int) -> dict[str, np.ndarray]:
+        """Compute and store this process's share of trials [start, stop); return all of them."""
+        a, b = layout.share(start, stop)
+        template = {name: arr for name, arr in self._empty_columns.items() if name != "trial"}
+
+        def share() -> dict[str, np.ndarray]:
+            if a == b:
+                return template
+            columns = self._columns(session.compute(a, b))
+            if db is not None:
+                db.write_chunk(a, b, columns)
+            return columns
+
+        columns = layout.gather(share, template, start, stop)
         return {"trial": np.arange(start, stop, dtype=np.int64), **columns}
 
     def load(self, store: str | os.PathLike) -> Result:
@@ -194,7 +221,7 @@ class Campaign:
 
     def _result(self, parts: list[dict[str, np.ndarray]], executor: str,
                 timings: pd.DataFrame | None, stopped: bool, requested: int | None) -> Result:
-        columns = _merge(parts, self._empty_columns())
+        columns = _merge(parts, self._empty_columns)
         records = tuple(
             Record(*(columns[_RECORD_COLUMN.format(plan=j, field=f)] for f in Record._fields))
             for j in range(len(self.plans)))
@@ -204,7 +231,9 @@ class Campaign:
         return Result(table, records, self.golden, self.sites, executor, timings, stopped,
                       requested, tuple(self._custom))
 
+    @functools.cached_property
     def _empty_columns(self) -> dict[str, np.ndarray]:
+        """Zero-row columns of every dtype and per-trial shape a table has."""
         output, records = jax.eval_shape(self._trials.fn, self._trials.base_key, np.int32(0),
                                          self.params, self.inputs)
         empty = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), (output, records))
@@ -407,6 +436,15 @@ def _merge(parts: list[dict[str, np.ndarray]], empty: dict[str, np.ndarray]) -> 
         return empty
     order = np.argsort(np.concatenate([p["trial"] for p in parts]), kind="stable")
     return {name: np.concatenate([p[name] for p in parts])[order] for name in parts[0]}
+
+
+def _own(devices: Sequence[jax.Device] | None) -> list[jax.Device]:
+    """This process's devices among ``devices`` (default: all of them)."""
+    own = [d for d in (devices if devices is not None else jax.local_devices())
+           if d.process_index == jax.process_index()]
+    if not own:
+        raise ValueError(f"devices must include one of this process's devices, got {devices!r}")
+    return own
 
 
 def _positive(name: str, value: Any, least: int) -> int:

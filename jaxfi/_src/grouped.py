@@ -128,10 +128,12 @@ def _views(apply_fn, plans: Sequence[Plan], params: Any, inputs: Any) -> list[_P
 class GroupedRunner:
     """Computes trials grouped by the earliest site they hit (see module doc)."""
 
-    def __init__(self, trials: Any, chunk_size: int, devices: Sequence[jax.Device], group_width: int):
+    def __init__(self, trials: Any, chunk_size: int, devices: Sequence[jax.Device], group_width: int,
+                 sparse: bool = False):
         if trials.apply_fn is None or trials.plans is None:
             raise ValueError("the grouped executor needs a campaign's apply_fn and plans")
-        self.name = f"grouped(width={group_width})"
+        self.name = f"grouped(width={group_width}{', sparse' if sparse else ''})"
+        self._sparse = sparse
         self.width = chunk_size
         self._trials = trials
         self._group = -(-group_width // len(devices)) * len(devices)
@@ -188,7 +190,8 @@ class GroupedRunner:
             return (lambda base_key, i, params, inputs, _: fn(jax.random.fold_in(base_key, i), params, inputs)), ()
         leaf = {site.name: n for n, site in enumerate(param_sites(self._trials.params))}
         faulted = sorted({leaf[v.pop.sites[s].name] for v, o in zip(self._views, only) for s in o})
-        cut = prefix_lib.split(apply_fn, self._trials.params, self._trials.inputs, faulted)
+        cap = sum(v.pop.cap for v in self._views) if self._sparse else 0
+        cut = prefix_lib.split(apply_fn, self._trials.params, self._trials.inputs, faulted, cap)
         residuals = jax.jit(cut.prefix)(*self._args[1:])
 
         def trial(base_key, i, params, inputs, residuals):
@@ -254,9 +257,16 @@ class GroupedRunner:
 
 @dataclasses.dataclass(frozen=True)
 class GroupedExecutor:
-    """Prefix sharing: trials grouped by earliest hit site, ``group_width`` per call."""
+    """Prefix sharing: trials grouped by earliest hit site, ``group_width`` per call.
+
+    ``sparse=True`` evaluates a faulted dense layer as the golden product plus
+    the changed weights' terms (params plans only): faster, not bitwise equal
+    to recomputation, so a campaign must run it with ``verify=False``;
+    ``benchmarks/throughput.py`` measures how often its outcomes differ.
+    """
 
     group_width: int = 16
+    sparse: bool = False
 
     def __post_init__(self):
         if not isinstance(self.group_width, int) or self.group_width < 1:
@@ -264,8 +274,8 @@ class GroupedExecutor:
 
     @property
     def name(self) -> str:
-        return f"grouped(width={self.group_width})"
+        return f"grouped(width={self.group_width}{', sparse' if self.sparse else ''})"
 
     def build(self, trials: Any, chunk_size: int, devices: Sequence[jax.Device]) -> GroupedRunner:
-        """Prepare the fault sampler; group programs compile on first use."""
-        return GroupedRunner(trials, chunk_size, devices, self.group_width)
+        """Prepare the fault sampler and compile the first chunk's group programs."""
+        return GroupedRunner(trials, chunk_size, devices, self.group_width, self.sparse)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.extend import core as jex
 from jax.extend.core import primitives as prims
 
@@ -87,6 +88,33 @@ def _run(ops: Sequence[_Op], env: dict) -> None:
         env.update(zip(op.outs, outs))
 
 
+def _is_dense(op: _Op, faulted_ids: set[int], unknown: set[int]) -> bool:
+    """A ``x @ W`` dot with W a faulted 2-D leaf and x unaffected by faults."""
+    if op.eqn.primitive.name != "dot_general" or len(op.ins) != 2:
+        return False
+    x, w = op.ins
+    (contract, batch) = op.eqn.params["dimension_numbers"]
+    x_rank = len(op.eqn.invars[0].aval.shape)
+    return (isinstance(w, int) and w in faulted_ids and len(op.eqn.invars[1].aval.shape) == 2
+            and isinstance(x, int) and x not in unknown
+            and contract == ((x_rank - 1,), (0,)) and batch == ((), ()))
+
+
+def _sparse_dot(golden: Any, x: Any, w_golden: Any, w_faulty: Any, cap: int) -> Any:
+    """``x @ w_faulty`` as ``golden`` plus the terms of the (at most ``cap``) changed weights."""
+    changed = (jax.lax.bitcast_convert_type(w_faulty, _uint(w_faulty))
+               != jax.lax.bitcast_convert_type(w_golden, _uint(w_golden))).reshape(-1)
+    index = jnp.nonzero(changed, size=cap, fill_value=0)[0]
+    delta = jnp.where(changed[index], w_faulty.reshape(-1)[index] - w_golden.reshape(-1)[index], 0)
+    rows, cols = jnp.divmod(index, w_golden.shape[1])
+    terms = x[..., rows] * delta.astype(x.dtype)
+    return golden.at[..., cols].add(terms.astype(golden.dtype))
+
+
+def _uint(x: Any) -> Any:
+    return {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     """The two halves of a program split at its faulted params leaves.
@@ -101,8 +129,15 @@ class Split:
     faulted: tuple[int, ...]
 
 
-def split(fn: Callable[[Any, Any], Any], params: Any, inputs: Any, faulted: Sequence[int]) -> Split:
-    """Split ``fn(params, inputs)`` at the params leaves numbered ``faulted``."""
+def split(fn: Callable[[Any, Any], Any], params: Any, inputs: Any, faulted: Sequence[int],
+          sparse: int = 0) -> Split:
+    """Split ``fn(params, inputs)`` at the params leaves numbered ``faulted``.
+
+    ``sparse`` > 0: a dense layer ``x @ W`` whose W is faulted (and x is not)
+    is evaluated as the golden product plus the terms of at most ``sparse``
+    changed weights, instead of the full product with the faulty W. This is
+    much cheaper and not bitwise equal (the sum is rounded differently).
+    """
     n_params = len(jax.tree.leaves(params))
     if any(not 0 <= i < n_params for i in faulted):
         raise ValueError(f"faulted leaf numbers {list(faulted)} outside the {n_params} params leaves")
@@ -113,10 +148,15 @@ def split(fn: Callable[[Any, Any], Any], params: Any, inputs: Any, faulted: Sequ
             unknown.update(op.outs)
     late = [op for op in flat.ops if op.outs and op.outs[0] in unknown]
     early = [op for op in flat.ops if not (op.outs and op.outs[0] in unknown)]
+    faulted_ids = [flat.inputs[i] for i in faulted]
+    dense = {op.outs[0]: op for op in late if sparse and _is_dense(op, set(faulted_ids), unknown)}
     needed = {x for op in late for x in op.ins if isinstance(x, int) and x not in unknown}
     needed |= {x for x in flat.outputs if isinstance(x, int) and x not in unknown}
+    # Golden products and weights of sparse dense layers are residuals too.
+    golden_of = {out: flat._fresh(1)[0] for out in dense}
+    early += [_Op(op.eqn, op.ins, (golden_of[out],)) for out, op in dense.items()]
+    needed |= set(golden_of.values()) | {op.ins[1] for op in dense.values()}
     residual_ids = sorted(needed - set(flat.consts))
-    faulted_ids = [flat.inputs[i] for i in faulted]
     out_tree = jax.tree.structure(jax.eval_shape(fn, params, inputs))
 
     def prefix(p: Any, x: Any) -> list[Any]:
@@ -128,8 +168,14 @@ def split(fn: Callable[[Any, Any], Any], params: Any, inputs: Any, faulted: Sequ
     def suffix(residuals: Sequence[Any], leaves: Sequence[Any]) -> Any:
         env = dict(flat.consts)
         env.update(zip(residual_ids, residuals))
+        golden_w = {w: env[w] for w in (op.ins[1] for op in dense.values())}
         env.update(zip(faulted_ids, leaves))
-        _run(late, env)
+        for op in late:
+            if op.outs[0] in dense:
+                x, w = op.ins
+                env[op.outs[0]] = _sparse_dot(env[golden_of[op.outs[0]]], env[x], golden_w[w], env[w], sparse)
+            else:
+                _run([op], env)
         return jax.tree.unflatten(out_tree, [_read(env, x) for x in flat.outputs])
 
     return Split(prefix, suffix, tuple(faulted))
