@@ -7,7 +7,9 @@ the per-trial Python loop over a jitted faulty forward (how PyTorchFI and the
 other peers run), every executor, and what "auto" picks; the golden forward
 rate; and each rate's ratio to the loop. Steady state: programs are compiled
 before timing (compile seconds are listed apart); every executor's trials are
-checked bit for bit against the loop's.
+checked bit for bit against the loop's. For single-bit weight faults it also
+compares the sparse dense-layer path with exact recomputation, trial by trial.
+Models are trained on MNIST-5k first (cached in --workdir).
 
     python benchmarks/throughput.py [--models lenet5,resnet8] [--trials 1024]
 """
@@ -22,7 +24,9 @@ import numpy as np
 import jaxfi
 import jaxfi.data
 from jaxfi._src import executors as ex
-from jaxfi.models import bind_inference, get_model, init_variables
+from jaxfi._src import outcomes
+from jaxfi.models import bind_inference
+from jaxfi.training import train_or_load
 
 BATCH = 256
 CASES = {
@@ -71,24 +75,43 @@ def _case(trials: ex.Trials, args, golden: float) -> None:
     print(f"  auto picks {chosen.name!r} (probe rate {best:.1f} trials/s on a {args.chunk}-trial chunk)")
 
 
+def _sparse_agreement(trials: ex.Trials, apply_fn, params, images, labels, args) -> None:
+    """Outcomes of the sparse dense-layer path against exact recomputation, trial by trial."""
+    devices = jax.local_devices()
+    golden = outcomes.golden(jax.jit(apply_fn)(params, images), labels)
+    sdc = {}
+    for sparse in (False, True):
+        runner = ex.GroupedExecutor(sparse=sparse).build(trials, args.trials, devices)
+        rate, out = _timed(runner, args.trials, args.trials)
+        sdc[sparse] = outcomes.classification(golden, np.asarray(out[0]))["sdc"]
+        lo, hi = jaxfi.wilson(int(sdc[sparse].sum()), len(sdc[sparse]))
+        print(f"  {runner.name:<26}{rate:9.1f} trials/s  SDC rate {sdc[sparse].mean():.4f} [{lo:.4f}, {hi:.4f}]")
+    agree = float((sdc[False] == sdc[True]).mean())
+    print(f"  sparse vs exact: same SDC verdict in {agree:.2%} of {len(sdc[True])} trials")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lenet5,resnet8")
     parser.add_argument("--trials", type=int, default=1024, help="trials timed for grouped")
     parser.add_argument("--chunk", type=int, default=64, help="chunk of map/vmap/auto")
     parser.add_argument("--loop_trials", type=int, default=32, help="trials timed for the loop")
+    parser.add_argument("--workdir", default="runs/models", help="trained models (trained if absent)")
     args = parser.parse_args()
-    images = jaxfi.data.load("mnist5k", "test", num_examples=BATCH).images
+    test = jaxfi.data.load("mnist5k", "test", num_examples=BATCH)
+    images = test.images
     print(f"jax {jax.__version__}, {jax.default_backend()}, {len(jax.local_devices())} device(s), batch {BATCH}")
     for name in args.models.split(","):
-        model = get_model(name)
-        apply_fn, params = bind_inference(model, init_variables(model, images.shape[1:]))
+        model, variables, _ = train_or_load(name, args.workdir, log=lambda *a: None)
+        apply_fn, params = bind_inference(model, variables)
         golden = _golden_rate(apply_fn, params, images)
         for case, plan in CASES.items():
             print(f"{name}: {case}")
             trials = ex.Trials(ex.trial_function(jaxfi.faulty(apply_fn, plan)), jax.random.key(0),
                                params, images, apply_fn, (plan,))
             _case(trials, args, golden)
+            if case == "weights, 1 bit flip":
+                _sparse_agreement(trials, apply_fn, params, images, test.labels, args)
 
 
 if __name__ == "__main__":

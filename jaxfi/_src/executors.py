@@ -38,7 +38,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxfi._src.batching import batch_invariant
-from jaxfi._src.grouped import GroupedExecutor
+from jaxfi._src.grouped import GroupedExecutor, same_bits
 from jaxfi._src.inject import Record
 
 TRIAL_AXIS = "trials"
@@ -240,14 +240,6 @@ def executor(spec: str | Executor) -> Executor:
     if not isinstance(spec, str) and callable(getattr(spec, "build", None)):
         return spec
     raise ValueError(f"executor must be one of {sorted(_NAMED)} or an executor object, got {spec!r}")
-
-
-def same_bits(a: Any, b: Any) -> bool:
-    """Whether two pytrees of arrays are equal bit for bit (NaN payloads included)."""
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        np.asarray(x).dtype == np.asarray(y).dtype and np.shape(x) == np.shape(y)
-        and np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb))
 
 
 def verify(name: str, out: Outputs, trials: Trials, start: int, stop: int) -> None:

@@ -1,14 +1,18 @@
-"""Prefix sharing: trials grouped by the first site they hit.
+"""Prefix sharing: trials grouped by the first layer they hit.
 
 A trial only needs to recompute what depends on its faults. This executor
 first draws every trial's faults (cheap), then groups the chunk's trials by
-the earliest site they hit, in program order, for each plan. A group runs a
-program restricted (``faulty(..., only=...)``) to the sites at or after that
-one, so everything upstream does not depend on the trial and XLA computes it
-once per call instead of once per trial; trials that drew no fault cost
-almost nothing. Within a group, trials run one at a time through
-``lax.map``, which is the unbatched trial program itself: results are equal
-bit for bit to the loop (the campaign's ``verify`` checks it too).
+the earliest layer they hit, in program order, for each plan. A group runs a
+program restricted (``faulty(..., only=...)``) to the sites of that layer and
+later ones. For params-only plans the program is split there (``prefix``):
+the golden prefix is computed once per group and each trial evaluates only
+the suffix on its faulty leaves; otherwise the prefix does not depend on the
+trial and XLA computes it once per call. Trials that drew no fault cost
+almost nothing. Within a group, trials run one at a time through ``lax.map``,
+the unbatched trial program: results equal the loop's bit for bit on the
+models we test (the campaign's ``verify`` checks every run's first chunk).
+Each layer compiles one program, so this pays off from about a thousand
+trials.
 """
 
 from __future__ import annotations
@@ -35,6 +39,14 @@ from jaxfi._src.trial import faulty, sites_of
 TRIAL_AXIS = "trials"
 _NEVER = np.iinfo(np.int32).max
 Key = tuple[int | None, ...]
+
+
+def same_bits(a: Any, b: Any) -> bool:
+    """Whether two pytrees of arrays are equal bit for bit (NaN payloads included)."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        np.asarray(x).dtype == np.asarray(y).dtype and np.shape(x) == np.shape(y)
+        and np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb))
 
 
 def _sub_jaxprs(eqn: jex.JaxprEqn) -> list[jex.Jaxpr]:
@@ -141,8 +153,7 @@ class GroupedRunner:
         self._args = jax.device_put((trials.base_key, trials.params, trials.inputs),
                                     NamedSharding(self._mesh, PartitionSpec()))
         self._views = _views(trials.apply_fn, trials.plans, trials.params, trials.inputs)
-        self._groups: dict[Key, tuple[Callable[..., Any], Any]] = {}
-        self._programs: dict[tuple[Key, int], Any] = {}
+        self._programs: dict[Key, tuple[Any, Any]] = {}
         began = time.perf_counter()
         self._hits = jax.jit(self._hit_fn())
         self.compile_seconds = 0.0
@@ -150,15 +161,10 @@ class GroupedRunner:
         self.compile_seconds = time.perf_counter() - began
 
     def _warm(self, indices: np.ndarray) -> None:
-        """Compile the programs of every group (one plan) or of the first chunk's
-        groups (several plans), so that timing a chunk measures running."""
-        groups = self._grouped(indices)
-        if len(self._views) == 1:
-            for rank in set(self._views[0].rank) | {None}:
-                groups.setdefault((rank,), [0])
-        for key, positions in groups.items():
-            # One full-width call and one narrow call: both programs compile.
-            jax.block_until_ready(self._run_group(key, np.resize(indices[positions], self._group + 1)))
+        """Compile the programs of the first chunk's groups, so that timing a
+        chunk measures running; rarer groups compile when they first appear."""
+        for key, positions in self._grouped(indices).items():
+            jax.block_until_ready(self._run_group(key, indices[positions][:1]))
 
     def _hit_fn(self) -> Callable[..., Any]:
         views = self._views
@@ -181,11 +187,11 @@ class GroupedRunner:
         return [tuple(None if int(e[t]) == _NEVER else int(e[t]) for e in earliest)
                 for t in range(len(indices))]
 
-    def _trial(self, key: Key) -> tuple[Callable[..., Any], Any]:
+    def _trial(self, key: Key, split: bool) -> tuple[Callable[..., Any], Any]:
         """The trial function of a group and the extra argument it reads."""
         only = tuple(v.only(k) for v, k in zip(self._views, key))
         plans, apply_fn = self._trials.plans, self._trials.apply_fn
-        if any(v.plan.kind != "params" for v in self._views):
+        if not split or any(v.plan.kind != "params" for v in self._views):
             fn = faulty(apply_fn, *plans, only=only)
             return (lambda base_key, i, params, inputs, _: fn(jax.random.fold_in(base_key, i), params, inputs)), ()
         leaf = {site.name: n for n, site in enumerate(param_sites(self._trials.params))}
@@ -202,40 +208,47 @@ class GroupedRunner:
 
         return trial, residuals
 
-    def _program(self, key: Key, width: int) -> tuple[Any, Any]:
-        if key not in self._groups:
+    def _compiled(self, key: Key, split: bool) -> tuple[Any, Any]:
+        trial, extra = self._trial(key, split)
+
+        def local(base_key, indices, params, inputs, extra):
+            return lax.map(lambda i: trial(base_key, i, params, inputs, extra), indices)
+
+        program = jax.jit(jax.shard_map(
+            local, mesh=self._mesh, out_specs=PartitionSpec(TRIAL_AXIS), check_vma=False,
+            in_specs=(PartitionSpec(), PartitionSpec(TRIAL_AXIS), PartitionSpec(), PartitionSpec(),
+                      PartitionSpec())))
+        return program, extra
+
+    def _program(self, key: Key, probe: int) -> tuple[Any, Any]:
+        """The group's program; a split program is kept only if trial ``probe``
+        matches the unbatched trial bit for bit (XLA may round a separately
+        compiled prefix differently, e.g. around BatchNorm), else the unsplit
+        one, whose prefix XLA still hoists out of the loop."""
+        if key not in self._programs:
             began = time.perf_counter()
-            self._groups[key] = self._trial(key)
+            self._programs[key] = self._compiled(key, split=True)
+            # The sparse path is knowingly not bitwise, so it is not probed.
+            if not self._sparse and not same_bits(self._call(self._programs[key], np.full(self._group, probe, np.int32)),
+                             jax.tree.map(lambda a: np.stack([a] * self._group), self._trials.replay(probe))):
+                self._programs[key] = self._compiled(key, split=False)
             self.compile_seconds += time.perf_counter() - began
-        trial, extra = self._groups[key]
-        if (key, width) not in self._programs:
-            def local(base_key, indices, params, inputs, extra):
-                return lax.map(lambda i: trial(base_key, i, params, inputs, extra), indices)
+        return self._programs[key]
 
-            self._programs[key, width] = jax.jit(jax.shard_map(
-                local, mesh=self._mesh, out_specs=PartitionSpec(TRIAL_AXIS), check_vma=False,
-                in_specs=(PartitionSpec(), PartitionSpec(TRIAL_AXIS), PartitionSpec(), PartitionSpec(),
-                          PartitionSpec())))
-        return self._programs[key, width], extra
-
-    def _run_group(self, key: Key, indices: np.ndarray) -> Any:
-        # Full calls of the group width, then the rest in calls as narrow as the
-        # devices allow: no padded trial is ever computed for nothing.
-        full = len(indices) - len(indices) % self._group
-        pieces = [(indices[i:i + self._group], self._group) for i in range(0, full, self._group)]
-        narrow = len(self._mesh.devices.flat)
-        rest = indices[full:]
-        pad = -len(rest) % narrow
-        rest = np.concatenate([rest, np.repeat(rest[-1:], pad)]) if len(rest) else rest
-        pieces += [(rest[i:i + narrow], narrow) for i in range(0, len(rest), narrow)]
+    def _call(self, compiled: tuple[Any, Any], indices: np.ndarray) -> Any:
+        program, extra = compiled
         split = NamedSharding(self._mesh, PartitionSpec(TRIAL_AXIS))
         base, params, inputs = self._args
-        outs = []
-        for chunk, width in pieces:
-            program, extra = self._program(key, width)
-            outs.append(program(base, jax.device_put(chunk.astype(np.int32), split), params, inputs, extra))
-        host = jax.device_get(outs)
-        return jax.tree.map(lambda *xs: np.concatenate(xs)[:len(indices)], *host)
+        return jax.device_get(program(base, jax.device_put(indices, split), params, inputs, extra))
+
+    def _run_group(self, key: Key, indices: np.ndarray) -> Any:
+        # One program width per group keeps compilation to one program per
+        # layer; padding repeats the last trial and its results are dropped.
+        padded = np.resize(indices, len(indices) + (-len(indices) % self._group)).astype(np.int32)
+        padded[len(indices):] = indices[-1]
+        compiled = self._program(key, int(indices[0]))
+        outs = [self._call(compiled, padded[i:i + self._group]) for i in range(0, len(padded), self._group)]
+        return jax.tree.map(lambda *xs: np.concatenate(xs)[:len(indices)], *outs)
 
     def _grouped(self, indices: np.ndarray) -> dict[Key, list[int]]:
         groups: dict[Key, list[int]] = defaultdict(list)

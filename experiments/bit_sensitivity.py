@@ -1,0 +1,122 @@
+"""Which bit of a weight matters: SDC and DUE per bit position of single-bit flips.
+
+    python experiments/bit_sensitivity.py --workdir=runs/study
+
+For each model (trained on the embedded mnist5k, cached in WORKDIR/models)
+and each storage format in --dtypes (float32, and bfloat16/float16 versions
+made by casting the variables; layers still compute in float32), one campaign
+flips exactly one uniformly drawn bit of the weights per trial. Trials are
+then stratified by the flipped bit position.
+
+Why one campaign per (model, dtype) rather than one Plan per bit: the sampled
+population is the same as a single random weight flip in the resilience study
+(every weight bit equally likely), a single-fault trial's stratum is exact,
+the overall rate is a proper population average, and one compiled program
+serves all bits instead of 32. The price is that a bit's sample size is
+Binomial(trials, 1/width) instead of fixed; --trials_per_bit sets its mean.
+
+Writes to --workdir:
+
+- bit_sensitivity.csv: one row per (model, dtype, bit): model, dtype, bit,
+  field (sign/exponent/mantissa), eval_size, seed, then the figures of
+  ``jaxfi.study.summary_columns()`` over that bit's trials (sdc_trial,
+  due_trial, harm_trial with 95% Wilson intervals; per-input means with
+  Student-t intervals).
+- bit_sensitivity.json: flags, models, timings, versions.
+- bit_sensitivity.png: heat maps of P(SDC) and P(DUE) per flip, model x bit,
+  one panel row per format.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+import pandas as pd
+from absl import app, flags
+
+import jaxfi
+from jaxfi import study
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for models, stores and outputs.", required=True)
+_MODELS = flags.DEFINE_list("models", ["mlp", "lenet5", "resnet8"], "Models to study.")
+_DTYPES = flags.DEFINE_list("dtypes", list(study.DTYPES), "Storage formats of the weights.")
+_TRIALS_PER_BIT = flags.DEFINE_integer("trials_per_bit", 64, "Mean trials per bit position.", lower_bound=1)
+_EVAL_SIZE = flags.DEFINE_integer("eval_size", 64, "Test images evaluated in every trial.", lower_bound=1)
+_BATCH_STATS = flags.DEFINE_bool("batch_stats", False, "Count BatchNorm running statistics as weights.")
+_EXECUTOR = flags.DEFINE_string("executor", "loop", study.EXECUTOR_HELP)
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 64, "Trials per stored chunk.", lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the faults and of the evaluation subset.")
+_EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs (default: per model).", lower_bound=1)
+
+_NAME = "bit_sensitivity"
+
+
+def main(argv: list[str]) -> None:
+    """Trains or loads the models, runs one campaign per (model, dtype), writes CSV, JSON and plot."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    unknown = sorted(set(_DTYPES.value) - set(study.DTYPES))
+    if unknown:
+        raise app.UsageError(f"--dtypes: unknown {unknown}; choose from {list(study.DTYPES)}")
+    began = time.perf_counter()
+    workdir = pathlib.Path(_WORKDIR.value)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        subjects = study.load_subjects(_MODELS.value, workdir, eval_size=_EVAL_SIZE.value,
+                                       seed=_SEED.value, epochs=_EPOCHS.value)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    done = []
+    for dtype in _DTYPES.value:
+        width = jaxfi.format_of(dtype).width
+        jobs = [_job(study.cast(s, dtype)) for s in subjects]
+        done += study.run_sweep(jobs, workdir / "campaigns" / _NAME, trials=_TRIALS_PER_BIT.value * width,
+                                seed=_SEED.value, executor=_EXECUTOR.value, chunk_size=_CHUNK_SIZE.value)
+    table = pd.concat([_rows(d) for d in done], ignore_index=True)
+    table.to_csv(workdir / f"{_NAME}.csv", index=False)
+    study.plot_bits(table, workdir / f"{_NAME}.png",
+                    f"Single-bit weight flips by bit position: about {_TRIALS_PER_BIT.value} trials per "
+                    f"bit x {_EVAL_SIZE.value} test images (mnist5k)")
+    wall = time.perf_counter() - began
+    study.write_json(workdir / f"{_NAME}.json", {
+        "study": _NAME, "command": sys.argv, "flags": _flag_values(),
+        "models": {s.label: s.info for s in subjects}, "points": study.timings(done),
+        "wall_seconds": round(wall, 1)})
+    _print(table)
+    print(f"wrote {workdir}/{_NAME}.{{csv,json,png}} in {wall:.0f}s")
+
+
+def _job(subject: study.Subject) -> study.Job:
+    plan = jaxfi.Plan(study.weight_selector(_BATCH_STATS.value), jaxfi.BitFlip(), count=1)
+    return study.Job(subject, (plan,), subject.label, {"model": subject.name, "dtype": subject.dtype})
+
+
+def _rows(done: study.Done) -> pd.DataFrame:
+    rows = study.summarize(done.result, by="bit")
+    dtype = done.job.keys["dtype"]
+    rows.insert(0, "model", done.job.keys["model"])
+    rows.insert(1, "dtype", dtype)
+    rows.insert(3, "field", [study.bit_field(dtype, int(b)) for b in rows["bit"]])
+    rows.insert(4, "eval_size", len(done.job.subject.labels))
+    rows.insert(5, "seed", _SEED.value)
+    return rows
+
+
+def _flag_values() -> dict:
+    names = ("models", "dtypes", "trials_per_bit", "eval_size", "batch_stats", "executor",
+             "chunk_size", "seed", "epochs")
+    return {name: flags.FLAGS[name].value for name in names}
+
+
+def _print(table: pd.DataFrame) -> None:
+    top = (table.sort_values("harm_trial", ascending=False).groupby(["model", "dtype"], sort=False)
+           .head(3).sort_values(["dtype", "model", "harm_trial"], ascending=[True, True, False]))
+    print("most harmful bits per (model, dtype):")
+    print(top[["model", "dtype", "bit", "field", "trials", "sdc_trial", "due_trial", "harm_trial"]]
+          .round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    app.run(main)

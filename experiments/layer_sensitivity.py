@@ -1,0 +1,121 @@
+"""Which layer matters: SDC per single-bit flip in each weight leaf, raw and weighted.
+
+    python experiments/layer_sensitivity.py --workdir=runs/study
+
+For each model (trained on the embedded mnist5k, cached in WORKDIR/models)
+and each weight leaf (every leaf of the ``params`` collection: kernels,
+biases, BatchNorm scale and bias; --batch_stats adds the running statistics),
+one campaign of --trials trials flips exactly one uniformly drawn bit of that
+leaf per trial. Every leaf gets the same sample size, so small leaves (biases)
+are measured as precisely as large ones.
+
+Two views of the same numbers:
+
+- raw, ``sdc_trial``: the probability that one random bit flip in this leaf
+  changes the top-1 class of at least one evaluated input;
+- weighted, ``sdc_weighted`` = ``sdc_trial`` x ``share`` (the leaf's share of
+  the model's weight bits): the leaf's contribution to the SDC probability of
+  one bit flip anywhere in the weights. It sums over leaves to the model's
+  overall rate, and ranks leaves by how much they matter to a uniform fault.
+
+Writes to --workdir:
+
+- layer_sensitivity.csv: one row per (model, leaf): model, leaf, shape,
+  values, bits, share, eval_size, seed, the figures of
+  ``jaxfi.study.summary_columns()`` (Wilson intervals for the per-trial
+  events, Student-t over trials for the per-input means), then
+  sdc_weighted, sdc_weighted_lo, sdc_weighted_hi (the sdc_trial interval
+  scaled by share).
+- layer_sensitivity.json: flags, models, timings, versions.
+- layer_sensitivity.png: per model, bars of raw and weighted SDC per leaf.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+import time
+
+import pandas as pd
+from absl import app, flags
+
+import jaxfi
+from jaxfi import study
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for models, stores and outputs.", required=True)
+_MODELS = flags.DEFINE_list("models", ["mlp", "lenet5", "resnet8"], "Models to study.")
+_TRIALS = flags.DEFINE_integer("trials", 512, "Trials per (model, leaf).", lower_bound=2)
+_EVAL_SIZE = flags.DEFINE_integer("eval_size", 64, "Test images evaluated in every trial.", lower_bound=1)
+_BATCH_STATS = flags.DEFINE_bool("batch_stats", False, "Include BatchNorm running statistics.")
+_EXECUTOR = flags.DEFINE_string("executor", "loop", study.EXECUTOR_HELP)
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 64, "Trials per stored chunk.", lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the faults and of the evaluation subset.")
+_EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs (default: per model).", lower_bound=1)
+
+_NAME = "layer_sensitivity"
+
+
+def main(argv: list[str]) -> None:
+    """Trains or loads the models, runs one campaign per (model, leaf), writes CSV, JSON and plot."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    began = time.perf_counter()
+    workdir = pathlib.Path(_WORKDIR.value)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        subjects = study.load_subjects(_MODELS.value, workdir, eval_size=_EVAL_SIZE.value,
+                                       seed=_SEED.value, epochs=_EPOCHS.value)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    jobs = [job for s in subjects for job in _jobs(s)]
+    done = study.run_sweep(jobs, workdir / "campaigns" / _NAME, trials=_TRIALS.value, seed=_SEED.value,
+                           executor=_EXECUTOR.value, chunk_size=_CHUNK_SIZE.value)
+    table = pd.DataFrame([_row(d) for d in done])
+    table.to_csv(workdir / f"{_NAME}.csv", index=False)
+    study.plot_layers(table, workdir / f"{_NAME}.png",
+                      f"Single-bit weight flips by layer: {_TRIALS.value} trials per leaf x "
+                      f"{_EVAL_SIZE.value} test images (mnist5k)")
+    wall = time.perf_counter() - began
+    study.write_json(workdir / f"{_NAME}.json", {
+        "study": _NAME, "command": sys.argv, "flags": _flag_values(),
+        "models": {s.label: s.info for s in subjects}, "points": study.timings(done),
+        "wall_seconds": round(wall, 1)})
+    _print(table)
+    print(f"wrote {workdir}/{_NAME}.{{csv,json,png}} in {wall:.0f}s")
+
+
+def _jobs(subject: study.Subject) -> list[study.Job]:
+    leaves = study.weight_leaves(subject, _BATCH_STATS.value)
+    total = sum(leaf.bits for leaf in leaves)
+    return [_job(subject, leaf, total) for leaf in leaves]
+
+
+def _job(subject: study.Subject, leaf: jaxfi.Site, total_bits: int) -> study.Job:
+    plan = jaxfi.Plan(jaxfi.Params(f"^{re.escape(leaf.name)}$"), jaxfi.BitFlip(), count=1)
+    keys = {"model": subject.label, "leaf": leaf.name, "shape": "x".join(map(str, leaf.shape)),
+            "values": leaf.size, "bits": leaf.bits, "share": leaf.bits / total_bits}
+    return study.Job(subject, (plan,), f"{subject.label}/{leaf.name.replace('/', '.')}", keys)
+
+
+def _row(done: study.Done) -> dict:
+    row = {**done.job.keys, "eval_size": len(done.job.subject.labels), "seed": _SEED.value,
+           **study.summarize(done.result).to_dict("records")[0]}
+    for end in ("", "_lo", "_hi"):
+        row[f"sdc_weighted{end}"] = row[f"sdc_trial{end}"] * row["share"]
+    return row
+
+
+def _flag_values() -> dict:
+    names = ("models", "trials", "eval_size", "batch_stats", "executor", "chunk_size", "seed", "epochs")
+    return {name: flags.FLAGS[name].value for name in names}
+
+
+def _print(table: pd.DataFrame) -> None:
+    view = table[["model", "leaf", "values", "share", "sdc_trial", "sdc_trial_lo", "sdc_trial_hi",
+                  "due_trial", "sdc_weighted"]]
+    print(view.round(4).to_string(index=False))
+
+
+if __name__ == "__main__":
+    app.run(main)

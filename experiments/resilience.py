@@ -1,0 +1,156 @@
+"""Error of image classifiers under random bit flips at increasing fault rates.
+
+Reproduces and extends Rojas, Nicolae, Meneses, "Evaluating Resilience of Deep
+Learning Models" (CARLA 2019): for each model and fault rate, a campaign of
+independent trials, each flipping random bits of the weights (or activations)
+and evaluating --eval_size test images.
+
+    python experiments/resilience.py --workdir=runs/study
+
+trains mlp, lenet5 and resnet8 on the embedded mnist5k (cached in
+WORKDIR/models) and sweeps bit error rates over all weight bits. Running the
+same command again resumes: finished points are read back from their stores
+(WORKDIR/campaigns/resilience/...) and an interrupted one continues.
+
+Options: --mode=count sweeps exact fault counts (--counts) instead of rates;
+--site=activations|both corrupts the outputs of every Conv, Dense and
+BatchNorm (the same rates, as a bit error rate over activation bits of every
+evaluated image; in count mode the count is per trial, i.e. per evaluated
+batch, for activations). Weights are the ``params`` collection (kernels,
+biases, BatchNorm scale and bias); --batch_stats adds BatchNorm running
+statistics.
+
+Paper scale (not run here; needs an array_record ImageNet in DATA_DIR and
+torchvision weights saved as WEIGHTS/{alexnet,vgg16,resnet50}.npz or
+.safetensors, see jaxfi.models.convert)::
+
+    python experiments/resilience.py --workdir=runs/imagenet \\
+        --dataset=imagenet2012 --data_dir=DATA_DIR --weights=WEIGHTS \\
+        --models=alexnet,vgg16,resnet50 --eval_size=256 --trials=200 \\
+        --rates=1e-10,1e-9,1e-8,3e-8,1e-7,3e-7,1e-6
+
+(the cliff moves to lower rates as models grow: on mnist5k all three models
+were near 30% error at a rate near 1 / number of weights, about 30 flips per
+inference).
+
+Writes to --workdir, with STEM = resilience-SITE-MODE:
+
+- STEM.csv: one row per (model, point). Columns: model; site; mode; rate (bit
+  error rate, empty in count mode); count (flips per trial, empty in rate
+  mode); eval_size; seed; population_bits (bits the faults are drawn from per
+  trial); then the figures of ``jaxfi.study.summary_columns()``: trials,
+  golden_error, faults_mean, overflow, and error, sdc, sdc5, due, logit_dev
+  (means over trials of per-trial fractions, with 95% Student-t intervals
+  over trials: *_lo, *_hi) and sdc_trial, due_trial, harm_trial (fractions of
+  trials with such an event, 95% Wilson intervals). jaxfi/study.py says why
+  the trial is the unit.
+- STEM.json: flags, models (source, accuracy, size), per-point timings and
+  executors, wall time, software versions.
+- STEM.png: error vs fault rate, and SDC and DUE, one curve per model.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+import pandas as pd
+from absl import app, flags
+
+from jaxfi import data, study
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for models, stores and outputs.", required=True)
+_MODELS = flags.DEFINE_list("models", ["mlp", "lenet5", "resnet8"], "Models to study.")
+_MODE = flags.DEFINE_enum("mode", "rate", ["rate", "count"], "Sweep bit error rates or exact fault counts.")
+_RATES = flags.DEFINE_list("rates", [f"{r:g}" for r in study.DEFAULT_RATES],
+                            "Bit error rates (--mode=rate).")
+_COUNTS = flags.DEFINE_list("counts", [str(c) for c in study.DEFAULT_COUNTS],
+                             "Single-bit flips per trial (--mode=count).")
+_SITE = flags.DEFINE_enum("site", "weights", list(study.SITES), "What the faults corrupt.")
+_BATCH_STATS = flags.DEFINE_bool("batch_stats", False, "Count BatchNorm running statistics as weights.")
+_TRIALS = flags.DEFINE_integer("trials", 32, "Trials per (model, point).", lower_bound=2)
+_EVAL_SIZE = flags.DEFINE_integer("eval_size", 256, "Test images evaluated in every trial.", lower_bound=1)
+_EXECUTOR = flags.DEFINE_string("executor", "loop", study.EXECUTOR_HELP)
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 16, "Trials per stored chunk (resume granularity).",
+                                   lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the faults and of the evaluation subset.")
+_EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs (default: per model).", lower_bound=1)
+_DATASET = flags.DEFINE_string("dataset", data.EMBEDDED, "'mnist5k' or a prepared TFDS dataset.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+_WEIGHTS = flags.DEFINE_string("weights", None, "Directory of torchvision NAME.npz/.safetensors weights.")
+
+
+def main(argv: list[str]) -> None:
+    """Trains or loads the models, runs the sweep and writes the CSV, JSON and plot."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    began = time.perf_counter()
+    workdir = pathlib.Path(_WORKDIR.value)
+    workdir.mkdir(parents=True, exist_ok=True)
+    points = _points()
+    try:
+        subjects = study.load_subjects(
+            _MODELS.value, workdir, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
+            weights=_WEIGHTS.value, eval_size=_EVAL_SIZE.value, seed=_SEED.value, epochs=_EPOCHS.value)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    jobs = [study.Job(s, study.plans_for(s, p, _BATCH_STATS.value), f"{s.label}/{p.label}",
+                      {"model": s.label, "site": p.site, "mode": p.mode, "rate": p.rate, "count": p.count})
+            for s in subjects for p in points]
+    done = study.run_sweep(jobs, workdir / "campaigns" / "resilience", trials=_TRIALS.value,
+                           seed=_SEED.value, executor=_EXECUTOR.value, chunk_size=_CHUNK_SIZE.value)
+    table = pd.DataFrame([_row(d) for d in done])
+    stem = workdir / f"resilience-{_SITE.value}-{_MODE.value}"
+    table.to_csv(f"{stem}.csv", index=False)
+    study.plot_sweep(table, f"{stem}.png", _title(subjects))
+    wall = time.perf_counter() - began
+    study.write_json(f"{stem}.json", {
+        "study": "resilience", "command": sys.argv, "flags": _flag_values(),
+        "models": {s.label: s.info for s in subjects}, "points": study.timings(done),
+        "wall_seconds": round(wall, 1)})
+    _print(table)
+    print(f"wrote {stem}.{{csv,json,png}} in {wall:.0f}s")
+
+
+def _points() -> list[study.Point]:
+    try:
+        if _MODE.value == "rate":
+            return [study.Point(_SITE.value, rate=float(r)) for r in _RATES.value]
+        return [study.Point(_SITE.value, count=int(c)) for c in _COUNTS.value]
+    except ValueError as err:
+        raise app.UsageError(f"--rates/--counts: {err}")
+
+
+def _row(done: study.Done) -> dict:
+    population = sum(site.bits for sites in done.result.sites for site in sites)
+    keys = {**done.job.keys, "eval_size": len(done.job.subject.labels), "seed": _SEED.value,
+            "population_bits": population}
+    return {**keys, **study.summarize(done.result).to_dict("records")[0]}
+
+
+def _title(subjects: list[study.Subject]) -> str:
+    what = {"weights": "weight", "activations": "activation", "both": "weight and activation"}[_SITE.value]
+    return (f"Random {what} bit flips on {_DATASET.value}: {_TRIALS.value} trials x "
+            f"{len(subjects[0].labels)} test images per point")
+
+
+def _flag_values() -> dict:
+    names = ("models", "mode", "rates", "counts", "site", "batch_stats", "trials", "eval_size",
+             "executor", "chunk_size", "seed", "epochs", "dataset", "data_dir", "weights")
+    return {name: flags.FLAGS[name].value for name in names}
+
+
+def _print(table: pd.DataFrame) -> None:
+    x = "rate" if _MODE.value == "rate" else "count"
+    view = pd.DataFrame({
+        "model": table["model"], x: table[x],
+        "error %": [f"{100 * e:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+                    for e, lo, hi in zip(table["error"], table["error_lo"], table["error_hi"])],
+        "SDC %": (100 * table["sdc"]).round(2), "SDC-5 %": (100 * table["sdc5"]).round(2),
+        "DUE %": (100 * table["due"]).round(2), "golden %": (100 * table["golden_error"]).round(1)})
+    print(view.to_string(index=False))
+
+
+if __name__ == "__main__":
+    app.run(main)

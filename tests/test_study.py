@@ -1,0 +1,221 @@
+"""Tests for jaxfi.study and the study scripts in experiments/ (resilience, bit and layer sensitivity)."""
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+import jaxfi
+from jaxfi import models, study, training
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+MODELS = ("mlp", "lenet5")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A workdir whose models/ holds mlp and lenet5 trained for one epoch, shared by every test."""
+    path = tmp_path_factory.mktemp("study")
+    for name in MODELS:
+        training.train_or_load(name, path / "models", epochs=1, log=None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def subjects(workdir):
+    return {s.name: s for s in study.load_subjects(MODELS, workdir, eval_size=64, epochs=1, log=None)}
+
+
+def run_script(name, workdir, *flags):
+    command = [sys.executable, str(REPO / "experiments" / f"{name}.py"), f"--workdir={workdir}",
+               "--epochs=1", "--executor=loop", *flags]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000
+
+
+def chunks(root):
+    return {p: p.stat().st_mtime_ns for p in sorted(root.rglob("chunks/*.npz"))}
+
+
+# ---------------------------------------------------------------- scripts
+
+
+def test_resilience_script_writes_documented_outputs_and_resumes(workdir):
+    flags = ("--models=mlp", "--trials=8", "--rates=1e-7,1e-3", "--eval_size=32", "--chunk_size=4")
+    run_script("resilience", workdir, *flags)
+    stem = workdir / "resilience-weights-rate"
+    table = pd.read_csv(f"{stem}.csv")
+    keys = ["model", "site", "mode", "rate", "count", "eval_size", "seed", "population_bits"]
+    assert list(table.columns) == keys + list(study.summary_columns())
+    assert sorted(zip(table["model"], table["rate"])) == [("mlp", 1e-7), ("mlp", 1e-3)]
+    assert (table["trials"] == 8).all() and (table["overflow"] == 0).all()
+    meta = json.loads(pathlib.Path(f"{stem}.json").read_text())
+    assert {"flags", "models", "points", "wall_seconds", "versions"} <= set(meta)
+    assert [p["computed"] for p in meta["points"]] == [8, 8]
+    assert_png(pathlib.Path(f"{stem}.png"))
+
+    # An interruption after the first chunk of the second point: its later chunks are missing.
+    stored = chunks(workdir / "campaigns" / "resilience")
+    lost = [p for p in stored if "ber0.001" in str(p)][1:]
+    for path in lost:
+        path.unlink()
+    run_script("resilience", workdir, *flags)
+    meta = json.loads(pathlib.Path(f"{stem}.json").read_text())
+    assert [p["computed"] for p in meta["points"]] == [0, 4 * len(lost)]
+    kept = {p: t for p, t in stored.items() if p not in lost}
+    assert {p: t for p, t in chunks(workdir / "campaigns" / "resilience").items() if p in kept} == kept
+    pd.testing.assert_frame_equal(pd.read_csv(f"{stem}.csv"), table)
+
+
+def test_bit_script_finds_the_exponent_top_bit_most_harmful(workdir):
+    run_script("bit_sensitivity", workdir, "--models=mlp,lenet5", "--dtypes=float32,bfloat16",
+               "--trials_per_bit=20", "--eval_size=32")
+    table = pd.read_csv(workdir / "bit_sensitivity.csv")
+    for (model, dtype), rows in table.groupby(["model", "dtype"]):
+        width = jaxfi.format_of(dtype).width
+        assert sorted(rows["bit"]) == list(range(width)), (model, dtype)
+        assert rows["trials"].sum() == 20 * width
+        top = max(jaxfi.format_of(dtype).exponent)
+        worst = rows.set_index("bit")["harm_trial"]
+        others = worst.drop(top)
+        assert worst.idxmax() == top, (model, dtype, worst.sort_values().tail(3))
+        # Its interval clears every other bit's rate: the ranking is not luck.
+        assert rows.set_index("bit").loc[top, "harm_trial_lo"] > others.max(), (model, dtype)
+    assert set(table["model"]) == set(MODELS)
+    assert set(table.loc[table["bit"] == 31, "field"]) == {"sign"}
+    assert_png(workdir / "bit_sensitivity.png")
+    assert json.loads((workdir / "bit_sensitivity.json").read_text())["flags"]["dtypes"] == ["float32", "bfloat16"]
+
+
+def test_layer_script_writes_one_row_per_leaf_in_program_order(workdir, subjects):
+    run_script("layer_sensitivity", workdir, "--models=mlp", "--trials=8", "--eval_size=32")
+    table = pd.read_csv(workdir / "layer_sensitivity.csv")
+    assert list(table["leaf"]) == [leaf.name for leaf in study.weight_leaves(subjects["mlp"])]
+    assert table["share"].sum() == pytest.approx(1.0)
+    assert np.allclose(table["sdc_weighted"], table["sdc_trial"] * table["share"])
+    assert (table["trials"] == 8).all() and (table["faults_mean"] == 1).all()
+    assert_png(workdir / "layer_sensitivity.png")
+
+
+def test_weight_leaves_follow_the_program_not_the_alphabet(subjects):
+    model = models.get_model("resnet8")
+    # Values do not matter: leaves are ordered by tracing the model, not by running it.
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                            jnp.zeros((1, 28, 28, 1)))
+    apply_fn, params = models.bind_inference(model, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+    resnet = dataclasses.replace(subjects["mlp"], name="resnet8", apply_fn=apply_fn, params=params)
+    names = [leaf.name.removeprefix("params/") for leaf in study.weight_leaves(resnet)]
+    assert names[:4] == ["conv1/kernel", "bn1/bias", "bn1/scale", "layer1_0/conv1/kernel"]
+    assert names[-2:] == ["fc/bias", "fc/kernel"] and len(names) == 29
+    assert len(study.weight_leaves(resnet, batch_stats=True)) == 29 + 2 * 9
+
+
+# ----------------------------------------------------- scientific sanity
+
+
+def test_lowest_default_rate_is_golden_and_highest_collapses(subjects, tmp_path):
+    points = [study.Point(study.WEIGHTS, rate=r) for r in (min(study.DEFAULT_RATES), max(study.DEFAULT_RATES))]
+    jobs = [study.Job(s, study.plans_for(s, p), f"{s.name}/{p.label}", {"model": s.name, "rate": p.rate})
+            for s in subjects.values() for p in points]
+    done = study.run_sweep(jobs, tmp_path, trials=16, seed=0, executor="loop", log=None)
+    for d in done:
+        row = study.summarize(d.result).iloc[0]
+        if d.job.keys["rate"] == min(study.DEFAULT_RATES):
+            assert row["error_lo"] <= row["golden_error"] <= row["error_hi"], d.job.path
+        else:
+            assert row["error_lo"] > row["golden_error"] + 0.5, d.job.path
+            assert row["harm_trial"] == 1.0
+
+
+def test_activation_and_count_points_place_the_requested_faults(subjects, tmp_path):
+    lenet5 = subjects["lenet5"]
+    point = study.Point(study.BOTH, count=3)
+    plans = study.plans_for(lenet5, point)
+    assert [p.kind for p in plans] == ["params", "activations"]
+    done = study.run_sweep([study.Job(lenet5, plans, point.label, {})], tmp_path, trials=4, seed=1,
+                           executor="loop", log=None)
+    assert (done[0].result.table["faults"] == 6).all()
+    row = study.summarize(done[0].result).iloc[0]
+    assert row["trials"] == 4 and row["faults_mean"] == 6
+
+
+# ------------------------------------------------------------ building blocks
+
+
+def test_layer_outputs_are_the_leaf_module_outputs(subjects):
+    lenet5 = subjects["lenet5"]
+    chosen = jaxfi.sites_of(lenet5.apply_fn, jaxfi.Plan(study.layer_outputs(lenet5)),
+                            lenet5.params, lenet5.images)
+    assert [s.name for s in chosen] == [f"LeNet5/{m}/add:0" for m in ("conv1", "conv2", "fc1", "fc2", "fc3")]
+
+
+def test_weights_are_the_params_collection_unless_batch_stats():
+    variables = {"params": {"bn": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}, "fc": {"kernel": jnp.ones((3, 2))}},
+                 "batch_stats": {"bn": {"mean": jnp.zeros(3), "var": jnp.ones(3)}}}
+    sites = jaxfi.param_sites(variables)
+    names = [s.name for s in study.weight_selector().select(sites)]
+    assert names == ["params/bn/bias", "params/bn/scale", "params/fc/kernel"]
+    assert len(study.weight_selector(batch_stats=True).select(sites)) == 5
+
+
+def test_cast_stores_weights_in_the_format_and_keeps_predictions(subjects):
+    mlp = subjects["mlp"]
+    half = study.cast(mlp, "bfloat16")
+    assert half.label == "mlp-bfloat16" and half.dtype == "bfloat16"
+    assert {str(x.dtype) for x in jax.tree.leaves(half.params)} == {"bfloat16"}
+    agree = np.mean(np.argmax(half.apply_fn(half.params, mlp.images), -1)
+                    == np.argmax(mlp.apply_fn(mlp.params, mlp.images), -1))
+    assert agree > 0.9
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        study.cast(mlp, "int8")
+
+
+def test_mean_interval_is_student_t_clipped_and_nan_safe():
+    x = np.array([0.1, 0.3, 0.2, 0.6, np.inf])
+    mean, lo, hi = study.mean_interval(x)
+    finite = x[:4]
+    half = sps.t.ppf(0.975, 3) * finite.std(ddof=1) / 2
+    assert (mean, lo, hi) == pytest.approx((0.3, 0.3 - half, 0.3 + half))
+    assert study.mean_interval(x, bounds=(0.0, 0.5))[1:] == pytest.approx((max(0.0, 0.3 - half), 0.5))
+    mean, lo, hi = study.mean_interval([0.2, 0.2, 0.2])
+    assert mean == pytest.approx(0.2) and hi - lo == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(study.mean_interval([0.5])[1]) and math.isnan(study.mean_interval([np.nan])[0])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"site": "inputs", "rate": 1e-6}, "site must be one of"),
+    ({"site": "weights"}, "exactly one of rate or count"),
+    ({"site": "weights", "rate": 1e-6, "count": 1}, "exactly one of rate or count"),
+    ({"site": "weights", "rate": 0.0}, "rate must be a bit error rate"),
+    ({"site": "weights", "count": 0}, "count must be a positive integer"),
+])
+def test_bad_points_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        study.Point(**kwargs)
+
+
+def test_point_labels_name_site_and_amount():
+    assert study.Point("weights", rate=1e-6).label == "weights-ber1e-06"
+    assert study.Point("both", count=5).label == "both-count5"
+    assert study.Point("activations", rate=3e-5).mode == "rate"
+
+
+def test_missing_torchvision_weights_name_the_files_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"resnet18\.safetensors.*resnet18\.npz"):
+        study.load_subjects(["resnet18"], tmp_path, weights=str(tmp_path), eval_size=4)
