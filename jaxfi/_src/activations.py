@@ -41,23 +41,13 @@ import numpy as np
 import pandas as pd
 from jax.extend import core as jex
 from jax.extend import source_info_util as siu
-from jax.extend.core import primitives as prims
 
 from jaxfi._src import bits as bits_lib
+from jaxfi._src.calls import INLINE
 from jaxfi._src.inject import Record, SiteFaults, apply_site, assemble_record, sample_faults
 from jaxfi._src.plan import Plan, Population
 from jaxfi._src.sites import Activations, Selector, Site, _listing
 
-# Call-like primitives whose body is the computation itself, by the param
-# holding that body: their equations are walked through, not treated as one op.
-_INLINE = {
-    prims.jit_p: "jaxpr",
-    prims.closed_call_p: "call_jaxpr",
-    prims.call_p: "call_jaxpr",
-    prims.custom_jvp_call_p: "call_jaxpr",
-    prims.custom_vjp_call_p: "call_jaxpr",
-    prims.remat_p: "jaxpr",
-}
 # jaxfi's own operations run under this scope, so they never shift the
 # occurrence numbers of the user's equations when a faulty function is traced.
 OWN_SCOPE = "jaxfi"
@@ -122,7 +112,7 @@ class _Where:
 
 
 def _inlined(eqn: jex.JaxprEqn) -> tuple[jex.Jaxpr, Sequence[Any]] | None:
-    param = _INLINE.get(eqn.primitive)
+    param = INLINE.get(eqn.primitive)
     if param is None:
         return None
     body = eqn.params[param]

@@ -39,17 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jex
-from jax.extend.core import primitives as prims
 
-# Call-like primitives whose body is evaluated in place, by the param holding it.
-_INLINE = {
-    prims.jit_p: "jaxpr",
-    prims.closed_call_p: "call_jaxpr",
-    prims.call_p: "call_jaxpr",
-    prims.custom_jvp_call_p: "call_jaxpr",
-    prims.custom_vjp_call_p: "call_jaxpr",
-    prims.remat_p: "jaxpr",
-}
+from jaxfi._src.calls import INLINE
+
 _MATMUL = "dot_general"
 _PER_TRIAL = frozenset({"conv_general_dilated"})
 _FLOAT_REDUCTIONS = frozenset({
@@ -126,8 +118,8 @@ def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> l
 def _equation(eqn: jex.JaxprEqn, ins: list[Any]) -> Any:
     """One equation: call bodies inlined, ruled primitives wrapped, the rest re-bound."""
     prim = eqn.primitive
-    if prim in _INLINE:
-        body = eqn.params[_INLINE[prim]]
+    if prim in INLINE:
+        body = eqn.params[INLINE[prim]]
         if isinstance(body, jex.ClosedJaxpr):
             return _evaluate(body.jaxpr, body.consts, ins)
         return _evaluate(body, (), ins)

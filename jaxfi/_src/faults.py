@@ -50,6 +50,21 @@ class _BitSetField:
         object.__setattr__(self, "bits", _hashable(self.bits))
 
 
+class _ChosenBits(_BitSetField):
+    """Bit models that act on ``n`` bits chosen from ``bits``: with ``n == 1``
+    the sampled population is the individual bits of a site."""
+
+    @property
+    def granularity(self) -> Granularity:
+        return "bit" if self.n == 1 else "value"
+
+    def positions(self, fmt: Format) -> tuple[int, ...]:
+        return fmt.bits(self.bits)
+
+    def validate(self, fmt: Format) -> None:
+        _check_n(self.n, self.positions(fmt), fmt, type(self).__name__)
+
+
 def _one(fmt: Format, position) -> jax.Array:
     return jnp.left_shift(jnp.ones((), fmt.uint), position.astype(fmt.uint))
 
@@ -74,21 +89,11 @@ def _check_n(n: int | None, positions: tuple[int, ...], fmt: Format, what: str) 
 
 
 @dataclasses.dataclass(frozen=True)
-class BitFlip(_BitSetField, FaultModel):
+class BitFlip(_ChosenBits, FaultModel):
     """Flip ``n`` distinct bits per hit value, drawn uniformly from ``bits``."""
 
     bits: BitSpec = "all"
     n: int = 1
-
-    @property
-    def granularity(self) -> Granularity:
-        return "bit" if self.n == 1 else "value"
-
-    def positions(self, fmt: Format) -> tuple[int, ...]:
-        return fmt.bits(self.bits)
-
-    def validate(self, fmt: Format) -> None:
-        _check_n(self.n, self.positions(fmt), fmt, "BitFlip")
 
     def combine(self, raw: jax.Array, mask: jax.Array) -> jax.Array:
         return raw ^ mask
@@ -125,7 +130,7 @@ class Burst(_BitSetField, FaultModel):
 
 
 @dataclasses.dataclass(frozen=True)
-class StuckAt(_BitSetField, FaultModel):
+class StuckAt(_ChosenBits, FaultModel):
     """Force bits to ``value`` (0 or 1): all of ``bits`` if ``n`` is None, else ``n`` random ones."""
 
     value: int = 0
@@ -136,16 +141,6 @@ class StuckAt(_BitSetField, FaultModel):
         super().__post_init__()
         if self.value not in (0, 1):
             raise ValueError(f"StuckAt value must be 0 or 1, got {self.value!r}")
-
-    @property
-    def granularity(self) -> Granularity:
-        return "bit" if self.n == 1 else "value"
-
-    def positions(self, fmt: Format) -> tuple[int, ...]:
-        return fmt.bits(self.bits)
-
-    def validate(self, fmt: Format) -> None:
-        _check_n(self.n, self.positions(fmt), fmt, "StuckAt")
 
     def combine(self, raw: jax.Array, mask: jax.Array) -> jax.Array:
         return raw | mask if self.value else raw & ~mask

@@ -18,16 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex
-from jax.extend.core import primitives as prims
 
-_INLINE = {
-    prims.jit_p: "jaxpr",
-    prims.closed_call_p: "call_jaxpr",
-    prims.call_p: "call_jaxpr",
-    prims.custom_jvp_call_p: "call_jaxpr",
-    prims.custom_vjp_call_p: "call_jaxpr",
-    prims.remat_p: "jaxpr",
-}
+from jaxfi._src.calls import INLINE
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +56,7 @@ class _Flat:
     def _walk(self, jaxpr: jex.Jaxpr, env: dict) -> list[Any]:
         for eqn in jaxpr.eqns:
             ins = [self._operand(env, v) for v in eqn.invars]
-            body = eqn.params.get(_INLINE.get(eqn.primitive, ""))
+            body = eqn.params.get(INLINE.get(eqn.primitive, ""))
             if body is not None:
                 inner, consts = (body.jaxpr, body.consts) if isinstance(body, jex.ClosedJaxpr) else (body, ())
                 const_ids = self._fresh(len(consts))

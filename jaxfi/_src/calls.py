@@ -1,0 +1,16 @@
+"""Call-like primitives: equations whose body is the computation itself.
+
+Maps each such primitive to the param holding its body; interpreters walk
+through these bodies (inlining them) rather than treating the call as one op.
+"""
+
+from jax.extend.core import primitives as prims
+
+INLINE = {
+    prims.jit_p: "jaxpr",
+    prims.closed_call_p: "call_jaxpr",
+    prims.call_p: "call_jaxpr",
+    prims.custom_jvp_call_p: "call_jaxpr",
+    prims.custom_vjp_call_p: "call_jaxpr",
+    prims.remat_p: "jaxpr",
+}
