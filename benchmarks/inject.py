@@ -7,7 +7,6 @@ scatter), and of copying the pytree once, with their ratios.
     python benchmarks/inject.py
 """
 
-import functools
 import statistics
 import time
 

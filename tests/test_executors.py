@@ -209,3 +209,15 @@ def test_grouped_prefix_split_is_bitwise_equal_to_single_trials(plan):
     assert ex.same_bits(runner(0, 24), expected)
     sites_hit = {int(s) for s in np.asarray(expected[1][0].site)[:, 0] if s >= 0}
     assert len(sites_hit) >= 2
+
+
+def test_grouped_and_only_bad_inputs():
+    base = make_trials()
+    with pytest.raises(ValueError, match="group_width must be a positive int"):
+        ex.GroupedExecutor(0)
+    bare = ex.Trials(base.fn, base.base_key, base.params, base.inputs)
+    with pytest.raises(ValueError, match="needs a campaign's apply_fn and plans"):
+        ex.GroupedExecutor().build(bare, 4, jax.local_devices())
+    plan = jaxfi.Plan(jaxfi.Params(), count=1)
+    with pytest.raises(ValueError, match="only needs one entry per plan: 1 plans, 2 entries"):
+        jaxfi.faulty(cnn, plan, only=(frozenset(), frozenset()))

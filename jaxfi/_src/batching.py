@@ -40,7 +40,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex
 
-from jaxfi._src.calls import INLINE
+from jaxfi._src.calls import INLINE, sub_jaxprs
 
 _MATMUL = "dot_general"
 _PER_TRIAL = frozenset({"conv_general_dilated"})
@@ -79,21 +79,9 @@ def _contains_rule(jaxpr: jex.Jaxpr) -> bool:
     for eqn in jaxpr.eqns:
         if _needs_rule(eqn):
             return True
-        if any(_contains_rule(sub) for sub in _sub_jaxprs(eqn)):
+        if any(_contains_rule(sub) for sub in sub_jaxprs(eqn)):
             return True
     return False
-
-
-def _sub_jaxprs(eqn: jex.JaxprEqn) -> list[jex.Jaxpr]:
-    """The jaxprs held in an equation's params (call bodies, branches, loop bodies)."""
-    found = []
-    for value in eqn.params.values():
-        for item in value if isinstance(value, tuple) else (value,):
-            if isinstance(item, jex.ClosedJaxpr):
-                found.append(item.jaxpr)
-            elif isinstance(item, jex.Jaxpr):
-                found.append(item)
-    return found
 
 
 def _read(env: dict, v: Any) -> Any:
@@ -125,7 +113,7 @@ def _equation(eqn: jex.JaxprEqn, ins: list[Any]) -> Any:
         return _evaluate(body, (), ins)
     if _needs_rule(eqn):
         return _with_rule(prim, eqn.params)(*ins)
-    if any(_contains_rule(sub) for sub in _sub_jaxprs(eqn)):
+    if any(_contains_rule(sub) for sub in sub_jaxprs(eqn)):
         return prim.bind(*ins, **_rewritten_params(eqn.params))
     return prim.bind(*ins, **eqn.params)
 

@@ -31,6 +31,7 @@ from jax.extend import core as jex
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxfi._src import prefix as prefix_lib
+from jaxfi._src.calls import sub_jaxprs
 from jaxfi._src.inject import plan_faults
 from jaxfi._src.plan import Plan, Population
 from jaxfi._src.sites import param_sites
@@ -49,17 +50,6 @@ def same_bits(a: Any, b: Any) -> bool:
         and np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb))
 
 
-def _sub_jaxprs(eqn: jex.JaxprEqn) -> list[jex.Jaxpr]:
-    found = []
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, jex.ClosedJaxpr):
-                found.append(item.jaxpr)
-            elif isinstance(item, jex.Jaxpr):
-                found.append(item)
-    return found
-
-
 def _first_use(jaxpr: jex.Jaxpr, watched: dict[Any, int], order: dict[int, int], clock: list[int]) -> None:
     """Record, per watched leaf, the position of the first equation reading it."""
     for eqn in jaxpr.eqns:
@@ -67,7 +57,7 @@ def _first_use(jaxpr: jex.Jaxpr, watched: dict[Any, int], order: dict[int, int],
         leaves = {watched[v] for v in eqn.invars if isinstance(v, jex.Var) and v in watched}
         for leaf in leaves:
             order.setdefault(leaf, clock[0])
-        for body in _sub_jaxprs(eqn):
+        for body in sub_jaxprs(eqn):
             inner = {b: watched[v] for v, b in zip(eqn.invars, body.invars)
                      if isinstance(v, jex.Var) and v in watched}
             _first_use(body, inner, order, clock)

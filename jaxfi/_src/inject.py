@@ -98,7 +98,7 @@ def _from_flat(flat: jax.Array, pop: Population):
     starts = np.cumsum((0,) + pop.weights)
     site = jnp.searchsorted(jnp.asarray(starts[1:], jnp.int32), flat, side="right").astype(jnp.int32)
     local = flat - jnp.asarray(starts[:-1], jnp.int32)[site]
-    nbits = jnp.asarray([max(1, len(b)) for b in pop.positions], jnp.int32)[site]
+    nbits = _site_tables(pop)[1][site]
     return site, local // nbits, local % nbits
 
 
@@ -294,11 +294,6 @@ def inject(key: jax.Array, params: Any, plan: Plan,
     it = iter(faulty)
     leaves = [next(it) if hasattr(x, "dtype") else x for _, x in paths]
     return jax.tree_util.tree_unflatten(treedef, leaves), record
-
-
-def expected_faults(params: Any, plan: Plan) -> float:
-    """Expected number of faults per trial of ``plan`` on ``params``."""
-    return plan.population(param_sites(params)).expected
 
 
 def population_of(params: Any, plan: Plan) -> Population:

@@ -160,11 +160,3 @@ def _binomial_thresholds(n: int, p: float, cap: int | None) -> tuple[int, np.nda
     scaled = np.floor(np.clip(sf, 0.0, 1.0) * 2.0**64)
     as_int = np.array([min(int(x), 2**64 - 1) for x in scaled], dtype=np.uint64)
     return cap, as_int
-
-
-def describe_population(population: Population) -> str:
-    """One line saying what is sampled, for logs and manifests."""
-    what = population.plan.granularity
-    return (f"{population.total} {what}s over {len(population.sites)} sites, "
-            f"{population.expected:.4g} faults/trial expected, cap {population.cap}")
-

@@ -50,10 +50,3 @@ def record_table(record: Record, sites: Sequence[Site]) -> pd.DataFrame:
     columns = ["trial", "site", "kind", "index", "bit", "bits", "before", "after",
                "before_bits", "after_bits"]
     return pd.DataFrame(rows, columns=columns)
-
-
-def flipped_bits(record: Record) -> np.ndarray:
-    """Per slot, the number of bits that differ between before and after."""
-    diff = np.asarray(record.before) ^ np.asarray(record.after)
-    return np.vectorize(lambda v: bin(int(v)).count("1"), otypes=[np.int64])(diff)
-
