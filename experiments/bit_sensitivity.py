@@ -29,7 +29,6 @@ Writes to --workdir:
 
 from __future__ import annotations
 
-import pathlib
 import sys
 import time
 
@@ -39,46 +38,32 @@ from absl import app, flags
 import jaxfi
 from jaxfi import study
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for models, stores and outputs.", required=True)
-_MODELS = flags.DEFINE_list("models", ["mlp", "lenet5", "resnet8"], "Models to study.")
+_COMMON = study.define_common_flags(eval_size=64, chunk_size=64)
 _DTYPES = flags.DEFINE_list("dtypes", list(study.DTYPES), "Storage formats of the weights.")
 _TRIALS_PER_BIT = flags.DEFINE_integer("trials_per_bit", 64, "Mean trials per bit position.", lower_bound=1)
-_EVAL_SIZE = flags.DEFINE_integer("eval_size", 64, "Test images evaluated in every trial.", lower_bound=1)
 _BATCH_STATS = flags.DEFINE_bool("batch_stats", False, "Count BatchNorm running statistics as weights.")
-_EXECUTOR = flags.DEFINE_string("executor", "loop", study.EXECUTOR_HELP)
-_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 64, "Trials per stored chunk.", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the faults and of the evaluation subset.")
-_EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs (default: per model).", lower_bound=1)
 
 _NAME = "bit_sensitivity"
 
 
 def main(argv: list[str]) -> None:
     """Trains or loads the models, runs one campaign per (model, dtype), writes CSV, JSON and plot."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    study.check_no_arguments(argv)
     unknown = sorted(set(_DTYPES.value) - set(study.DTYPES))
     if unknown:
         raise app.UsageError(f"--dtypes: unknown {unknown}; choose from {list(study.DTYPES)}")
     began = time.perf_counter()
-    workdir = pathlib.Path(_WORKDIR.value)
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        subjects = study.load_subjects(_MODELS.value, workdir, eval_size=_EVAL_SIZE.value,
-                                       seed=_SEED.value, epochs=_EPOCHS.value)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    workdir, subjects = _COMMON.load()
     done = []
     for dtype in _DTYPES.value:
         width = jaxfi.format_of(dtype).width
         jobs = [_job(study.cast(s, dtype)) for s in subjects]
-        done += study.run_sweep(jobs, workdir / "campaigns" / _NAME, trials=_TRIALS_PER_BIT.value * width,
-                                seed=_SEED.value, executor=_EXECUTOR.value, chunk_size=_CHUNK_SIZE.value)
+        done += _COMMON.sweep(jobs, workdir / "campaigns" / _NAME, _TRIALS_PER_BIT.value * width)
     table = pd.concat([_rows(d) for d in done], ignore_index=True)
     table.to_csv(workdir / f"{_NAME}.csv", index=False)
     study.plot_bits(table, workdir / f"{_NAME}.png",
                     f"Single-bit weight flips by bit position: about {_TRIALS_PER_BIT.value} trials per "
-                    f"bit x {_EVAL_SIZE.value} test images (mnist5k)")
+                    f"bit x {_COMMON.eval_size.value} test images (mnist5k)")
     wall = time.perf_counter() - began
     study.write_json(workdir / f"{_NAME}.json", {
         "study": _NAME, "command": sys.argv, "flags": _flag_values(),
@@ -100,7 +85,7 @@ def _rows(done: study.Done) -> pd.DataFrame:
     rows.insert(1, "dtype", dtype)
     rows.insert(3, "field", [study.bit_field(dtype, int(b)) for b in rows["bit"]])
     rows.insert(4, "eval_size", len(done.job.subject.labels))
-    rows.insert(5, "seed", _SEED.value)
+    rows.insert(5, "seed", _COMMON.seed.value)
     return rows
 
 

@@ -41,7 +41,7 @@ import pandas as pd
 from absl import app, flags
 
 import jaxfi
-from jaxfi import data, fault_aware, models, training
+from jaxfi import data, models, training
 from jaxfi._src import stats
 
 matplotlib.use("Agg")
@@ -146,8 +146,8 @@ def _train(kind: str, config: dict[str, Any], train_data: data.Dataset,
     model = models.get_model(config["model"], num_classes=train_data.num_classes)
     plans = [jaxfi.Plan(jaxfi.Params(), ber=config["train_rate"])] if kind == "fault-aware" else []
     print(f"training {config['model']} ({kind})")
-    variables, metrics = fault_aware.train(model, train_data, test_data, plans=plans,
-                                           seed=config["seed"], **config["training"])
+    variables, metrics = training.train(model, train_data, test_data, plans=plans,
+                                        seed=config["seed"], **config["training"])
     return model, variables, metrics
 
 

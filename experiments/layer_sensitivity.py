@@ -32,7 +32,6 @@ Writes to --workdir:
 
 from __future__ import annotations
 
-import pathlib
 import re
 import sys
 import time
@@ -43,39 +42,25 @@ from absl import app, flags
 import jaxfi
 from jaxfi import study
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for models, stores and outputs.", required=True)
-_MODELS = flags.DEFINE_list("models", ["mlp", "lenet5", "resnet8"], "Models to study.")
+_COMMON = study.define_common_flags(eval_size=64, chunk_size=64)
 _TRIALS = flags.DEFINE_integer("trials", 512, "Trials per (model, leaf).", lower_bound=2)
-_EVAL_SIZE = flags.DEFINE_integer("eval_size", 64, "Test images evaluated in every trial.", lower_bound=1)
 _BATCH_STATS = flags.DEFINE_bool("batch_stats", False, "Include BatchNorm running statistics.")
-_EXECUTOR = flags.DEFINE_string("executor", "loop", study.EXECUTOR_HELP)
-_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 64, "Trials per stored chunk.", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the faults and of the evaluation subset.")
-_EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs (default: per model).", lower_bound=1)
 
 _NAME = "layer_sensitivity"
 
 
 def main(argv: list[str]) -> None:
     """Trains or loads the models, runs one campaign per (model, leaf), writes CSV, JSON and plot."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    study.check_no_arguments(argv)
     began = time.perf_counter()
-    workdir = pathlib.Path(_WORKDIR.value)
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        subjects = study.load_subjects(_MODELS.value, workdir, eval_size=_EVAL_SIZE.value,
-                                       seed=_SEED.value, epochs=_EPOCHS.value)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    workdir, subjects = _COMMON.load()
     jobs = [job for s in subjects for job in _jobs(s)]
-    done = study.run_sweep(jobs, workdir / "campaigns" / _NAME, trials=_TRIALS.value, seed=_SEED.value,
-                           executor=_EXECUTOR.value, chunk_size=_CHUNK_SIZE.value)
+    done = _COMMON.sweep(jobs, workdir / "campaigns" / _NAME, _TRIALS.value)
     table = pd.DataFrame([_row(d) for d in done])
     table.to_csv(workdir / f"{_NAME}.csv", index=False)
     study.plot_layers(table, workdir / f"{_NAME}.png",
                       f"Single-bit weight flips by layer: {_TRIALS.value} trials per leaf x "
-                      f"{_EVAL_SIZE.value} test images (mnist5k)")
+                      f"{_COMMON.eval_size.value} test images (mnist5k)")
     wall = time.perf_counter() - began
     study.write_json(workdir / f"{_NAME}.json", {
         "study": _NAME, "command": sys.argv, "flags": _flag_values(),
@@ -99,7 +84,7 @@ def _job(subject: study.Subject, leaf: jaxfi.Site, total_bits: int) -> study.Job
 
 
 def _row(done: study.Done) -> dict:
-    row = {**done.job.keys, "eval_size": len(done.job.subject.labels), "seed": _SEED.value,
+    row = {**done.job.keys, "eval_size": len(done.job.subject.labels), "seed": _COMMON.seed.value,
            **study.summarize(done.result).to_dict("records")[0]}
     for end in ("", "_lo", "_hi"):
         row[f"sdc_weighted{end}"] = row[f"sdc_trial{end}"] * row["share"]

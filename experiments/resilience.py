@@ -51,7 +51,6 @@ Writes to --workdir, with STEM = resilience-SITE-MODE:
 
 from __future__ import annotations
 
-import pathlib
 import sys
 import time
 
@@ -60,8 +59,8 @@ from absl import app, flags
 
 from jaxfi import data, study
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for models, stores and outputs.", required=True)
-_MODELS = flags.DEFINE_list("models", ["mlp", "lenet5", "resnet8"], "Models to study.")
+_COMMON = study.define_common_flags(eval_size=256, chunk_size=16,
+                                    chunk_help="Trials per stored chunk (resume granularity).")
 _MODE = flags.DEFINE_enum("mode", "rate", ["rate", "count"], "Sweep bit error rates or exact fault counts.")
 _RATES = flags.DEFINE_list("rates", [f"{r:g}" for r in study.DEFAULT_RATES],
                             "Bit error rates (--mode=rate).")
@@ -70,12 +69,6 @@ _COUNTS = flags.DEFINE_list("counts", [str(c) for c in study.DEFAULT_COUNTS],
 _SITE = flags.DEFINE_enum("site", "weights", list(study.SITES), "What the faults corrupt.")
 _BATCH_STATS = flags.DEFINE_bool("batch_stats", False, "Count BatchNorm running statistics as weights.")
 _TRIALS = flags.DEFINE_integer("trials", 32, "Trials per (model, point).", lower_bound=2)
-_EVAL_SIZE = flags.DEFINE_integer("eval_size", 256, "Test images evaluated in every trial.", lower_bound=1)
-_EXECUTOR = flags.DEFINE_string("executor", "loop", study.EXECUTOR_HELP)
-_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 16, "Trials per stored chunk (resume granularity).",
-                                   lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the faults and of the evaluation subset.")
-_EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs (default: per model).", lower_bound=1)
 _DATASET = flags.DEFINE_string("dataset", data.EMBEDDED, "'mnist5k' or a prepared TFDS dataset.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Directory of torchvision NAME.npz/.safetensors weights.")
@@ -83,23 +76,15 @@ _WEIGHTS = flags.DEFINE_string("weights", None, "Directory of torchvision NAME.n
 
 def main(argv: list[str]) -> None:
     """Trains or loads the models, runs the sweep and writes the CSV, JSON and plot."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    began = time.perf_counter()
-    workdir = pathlib.Path(_WORKDIR.value)
-    workdir.mkdir(parents=True, exist_ok=True)
+    study.check_no_arguments(argv)
     points = _points()
-    try:
-        subjects = study.load_subjects(
-            _MODELS.value, workdir, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
-            weights=_WEIGHTS.value, eval_size=_EVAL_SIZE.value, seed=_SEED.value, epochs=_EPOCHS.value)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    began = time.perf_counter()
+    workdir, subjects = _COMMON.load(dataset=_DATASET.value, data_dir=_DATA_DIR.value,
+                                     weights=_WEIGHTS.value)
     jobs = [study.Job(s, study.plans_for(s, p, _BATCH_STATS.value), f"{s.label}/{p.label}",
                       {"model": s.label, "site": p.site, "mode": p.mode, "rate": p.rate, "count": p.count})
             for s in subjects for p in points]
-    done = study.run_sweep(jobs, workdir / "campaigns" / "resilience", trials=_TRIALS.value,
-                           seed=_SEED.value, executor=_EXECUTOR.value, chunk_size=_CHUNK_SIZE.value)
+    done = _COMMON.sweep(jobs, workdir / "campaigns" / "resilience", _TRIALS.value)
     table = pd.DataFrame([_row(d) for d in done])
     stem = workdir / f"resilience-{_SITE.value}-{_MODE.value}"
     table.to_csv(f"{stem}.csv", index=False)
@@ -124,7 +109,7 @@ def _points() -> list[study.Point]:
 
 def _row(done: study.Done) -> dict:
     population = sum(site.bits for sites in done.result.sites for site in sites)
-    keys = {**done.job.keys, "eval_size": len(done.job.subject.labels), "seed": _SEED.value,
+    keys = {**done.job.keys, "eval_size": len(done.job.subject.labels), "seed": _COMMON.seed.value,
             "population_bits": population}
     return {**keys, **study.summarize(done.result).to_dict("records")[0]}
 

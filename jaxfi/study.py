@@ -44,6 +44,7 @@ import math
 import pathlib
 import platform
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,6 +54,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import pandas as pd
+from absl import app, flags
 from scipy import stats as sps
 
 import jaxfi
@@ -64,6 +66,9 @@ from jaxfi._src import stats as stats_lib
 matplotlib.use("Agg")
 import matplotlib.colors as mcolors  # noqa: E402  (after choosing the non-interactive backend)
 import matplotlib.pyplot as plt  # noqa: E402
+
+# The flags define_common_flags defines belong to the script that calls it.
+flags.disclaim_key_flags()
 
 Log = Callable[[str], Any] | None
 
@@ -460,6 +465,58 @@ def bit_field(dtype: str, bit: int) -> str:
     """"sign", "exponent" or "mantissa": the field of ``dtype`` that holds ``bit``."""
     fmt = jaxfi.format_of(dtype)
     return "sign" if bit in fmt.sign else "exponent" if bit in fmt.exponent else "mantissa"
+
+
+# ------------------------------------------------------------------ scripts
+
+
+@dataclasses.dataclass(frozen=True)
+class CommonFlags:
+    """The flags every study script shares, from ``define_common_flags``."""
+
+    workdir: flags.FlagHolder[str]
+    models: flags.FlagHolder[list[str]]
+    eval_size: flags.FlagHolder[int]
+    executor: flags.FlagHolder[str]
+    chunk_size: flags.FlagHolder[int]
+    seed: flags.FlagHolder[int]
+    epochs: flags.FlagHolder[int | None]
+
+    def load(self, **options: Any) -> tuple[pathlib.Path, list[Subject]]:
+        """Create the workdir and ``load_subjects`` (with ``options``); exit on a bad model or file."""
+        workdir = pathlib.Path(self.workdir.value)
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            return workdir, load_subjects(self.models.value, workdir, eval_size=self.eval_size.value,
+                                          seed=self.seed.value, epochs=self.epochs.value, **options)
+        except (ValueError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
+
+    def sweep(self, jobs: Sequence[Job], root: str | pathlib.Path, trials: int) -> list[Done]:
+        """``run_sweep`` with the seed, executor and chunk size of the flags."""
+        return run_sweep(jobs, root, trials=trials, seed=self.seed.value,
+                         executor=self.executor.value, chunk_size=self.chunk_size.value)
+
+
+def define_common_flags(*, eval_size: int, chunk_size: int,
+                        chunk_help: str = "Trials per stored chunk.") -> CommonFlags:
+    """Define the flags of ``CommonFlags`` for the calling script (they show under its name in --help)."""
+    return CommonFlags(
+        workdir=flags.DEFINE_string("workdir", None, "Directory for models, stores and outputs.",
+                                    required=True),
+        models=flags.DEFINE_list("models", ["mlp", "lenet5", "resnet8"], "Models to study."),
+        eval_size=flags.DEFINE_integer("eval_size", eval_size, "Test images evaluated in every trial.",
+                                       lower_bound=1),
+        executor=flags.DEFINE_string("executor", "loop", EXECUTOR_HELP),
+        chunk_size=flags.DEFINE_integer("chunk_size", chunk_size, chunk_help, lower_bound=1),
+        seed=flags.DEFINE_integer("seed", 0, "Seed of the faults and of the evaluation subset."),
+        epochs=flags.DEFINE_integer("epochs", None, "Training epochs (default: per model).", lower_bound=1))
+
+
+def check_no_arguments(argv: Sequence[str]) -> None:
+    """Raise ``app.UsageError`` if a script got positional arguments besides its name."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
 
 
 # ------------------------------------------------------------------- files

@@ -18,7 +18,7 @@ import pathlib
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -32,6 +32,8 @@ import optax
 
 from jaxfi import data as data_lib
 from jaxfi import models as models_lib
+from jaxfi._src.fault_aware import StepInfo, TrainState, fault_aware_step, init_state
+from jaxfi._src.plan import Plan
 
 __all__ = ["DEFAULTS", "train", "evaluate", "save_checkpoint", "load_checkpoint", "train_or_load"]
 
@@ -59,62 +61,93 @@ def train(
     optimizer: str = "adam",
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+    plans: Sequence[Plan] = (),
     seed: int = 0,
     log: Log = print,
 ) -> tuple[Variables, dict[str, Any]]:
-    """Trains ``model`` from scratch with a cosine-decayed learning rate.
+    """Trains ``model`` from scratch with a cosine-decayed learning rate, each step under ``plans``.
 
     ``optimizer`` is "adam" (AdamW) or "sgd" (with ``momentum``); weight decay
-    applies to kernels only, not to biases or BatchNorm. Each epoch logs the
+    applies to kernels only, not to biases or BatchNorm. ``clip_norm`` clips
+    each gradient to that global norm (use it with weight faults: an exponent
+    flip's loss near 1e34 otherwise swamps Adam's moments). Each epoch logs the
     mean training loss and, if ``test_data`` is given, the test accuracy. The
     same seed gives bitwise the same variables on the same machine.
 
+    Steps run through ``jaxfi.fault_aware_step``: each forward pass sees a
+    fresh trial of ``plans``, a step with a non-finite loss or gradient is
+    skipped, and with no plans a step is bitwise the plain optax step. Params
+    plans name leaves without ``params/`` (``conv1/kernel``); inputs plans see
+    ``arg1/0`` images, ``arg1/1`` labels, ``arg1/2`` the dropout key's data and
+    ``arg2/...`` BatchNorm statistics.
+
     Returns:
-      (variables, metrics): metrics has per-epoch ``train_loss``,
-      ``test_accuracy`` and ``epoch_seconds``, plus ``train_seconds``,
-      ``final_test_accuracy`` (None without test data) and ``num_params``.
+      (variables, metrics): metrics has per-epoch ``train_loss`` (over applied
+      steps), ``test_accuracy``, ``epoch_seconds``, ``skipped_steps`` and
+      ``faults_per_step``, plus ``train_seconds``, ``final_test_accuracy``
+      (None without test data) and ``num_params``.
     """
     _check_hyperparameters(epochs, batch_size, learning_rate, optimizer)
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm!r}")
     start = time.perf_counter()
     steps_per_epoch = len(train_data.labels) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(train_data.labels)} training examples")
     variables = models_lib.init_variables(model, train_data.images.shape[1:], seed)
-    params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     tx, step_fn = _train_step(
-        model, optimizer, learning_rate, epochs * steps_per_epoch, momentum, weight_decay
+        model, optimizer, learning_rate, epochs * steps_per_epoch, momentum, weight_decay, clip_norm,
+        tuple(plans),
     )
-    opt_state = tx.init(params)
-    dropout_key = jax.random.fold_in(jax.random.key(seed), 1)
+    state = init_state(variables["params"], tx, {k: v for k, v in variables.items() if k != "params"})
+    seed_key = jax.random.key(seed)
+    dropout_key, fault_key = jax.random.fold_in(seed_key, 1), jax.random.fold_in(seed_key, 2)
     predict = functools.partial(_logits, model)
-    metrics: dict[str, Any] = {"train_loss": [], "test_accuracy": [], "epoch_seconds": []}
-    step = 0
+    metrics: dict[str, Any] = {
+        "train_loss": [], "test_accuracy": [], "epoch_seconds": [], "skipped_steps": [], "faults_per_step": []
+    }
     for epoch in range(epochs):
-        epoch_start, losses = time.perf_counter(), []
-        for x, y in data_lib.batches(train_data, batch_size, seed=(seed, epoch), drop_remainder=True):
-            params, state, opt_state, loss = step_fn(
-                params, state, opt_state, x, y, jax.random.fold_in(dropout_key, step)
-            )
-            losses.append(loss)
-            step += 1
-        metrics["train_loss"].append(float(jnp.mean(jnp.stack(losses))))
-        accuracy = (
-            None if test_data is None else _accuracy(predict, {"params": params, **state}, test_data, 500)
-        )
+        epoch_start, infos = time.perf_counter(), []
+        batches = data_lib.batches(train_data, batch_size, seed=(seed, epoch), drop_remainder=True)
+        for i, (x, y) in enumerate(batches):
+            # Raw key data, as inputs plans need a numpy dtype for every batch leaf.
+            dropout = jax.random.key_data(jax.random.fold_in(dropout_key, epoch * steps_per_epoch + i))
+            state, info = step_fn(state, (x, y, dropout), fault_key)
+            infos.append(info)
+        _record_epoch(metrics, infos)
+        variables = {"params": state.params, **state.model_state}
+        accuracy = None if test_data is None else _accuracy(predict, variables, test_data, 500)
         metrics["test_accuracy"].append(accuracy)
         metrics["epoch_seconds"].append(time.perf_counter() - epoch_start)
-        _log(
-            log,
-            f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss'][-1]:.4f}"
-            + ("" if accuracy is None else f", test accuracy {accuracy:.4f}")
-            + f" ({metrics['epoch_seconds'][-1]:.1f}s)",
-        )
+        _log(log, _epoch_line(metrics, epoch, epochs, bool(plans)))
     metrics.update(
         train_seconds=time.perf_counter() - start,
         final_test_accuracy=metrics["test_accuracy"][-1],
-        num_params=models_lib.param_count(params),
+        num_params=models_lib.param_count(state.params),
     )
-    return {"params": params, **state}, metrics
+    return variables, metrics
+
+
+def _record_epoch(metrics: dict[str, Any], infos: list[StepInfo]) -> None:
+    """Appends the epoch's mean loss over applied steps, skipped steps and faults per step."""
+    applied = np.asarray(jnp.stack([i.applied for i in infos]))
+    losses = np.asarray(jnp.stack([i.loss for i in infos]))
+    faults = np.asarray(jnp.stack([jnp.asarray(sum(r.count for r in i.records)) for i in infos]))
+    metrics["train_loss"].append(float(jnp.mean(losses[applied])) if applied.any() else float("nan"))
+    metrics["skipped_steps"].append(int((~applied).sum()))
+    metrics["faults_per_step"].append(float(np.mean(faults)))
+
+
+def _epoch_line(metrics: dict[str, Any], epoch: int, epochs: int, faulty: bool) -> str:
+    accuracy, skipped = metrics["test_accuracy"][-1], metrics["skipped_steps"][-1]
+    return (
+        f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss'][-1]:.4f}"
+        + ("" if accuracy is None else f", test accuracy {accuracy:.4f}")
+        + (f", {metrics['faults_per_step'][-1]:.2f} faults/step" if faulty else "")
+        + (f", {skipped} skipped" if faulty or skipped else "")
+        + f" ({metrics['epoch_seconds'][-1]:.1f}s)"
+    )
 
 
 def evaluate(
@@ -172,7 +205,7 @@ def _kernels(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
-# Cached on the (hashable) model and settings, so that runs differing only in seed or
+# Cached on the (hashable) model, settings and plans, so that runs differing only in seed or
 # data reuse one compiled step.
 @functools.lru_cache(maxsize=32)
 def _train_step(
@@ -182,26 +215,25 @@ def _train_step(
     total_steps: int,
     momentum: float,
     weight_decay: float,
-) -> tuple[optax.GradientTransformation, Callable[..., Any]]:
-    """The optimizer and a jitted step; BatchNorm statistics (non-param collections) update alongside."""
+    clip_norm: float | None,
+    plans: tuple[Plan, ...],
+) -> tuple[optax.GradientTransformation, Callable[..., tuple[TrainState, StepInfo]]]:
+    """The optimizer and a ``jaxfi.fault_aware_step`` under ``plans``."""
     tx = _optimizer(optimizer, learning_rate, total_steps, momentum, weight_decay)
+    if clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
 
-    def loss_fn(params: Any, state: Variables, x: jax.Array, y: jax.Array, key: jax.Array) -> Any:
+    def loss_fn(params: Any, batch: tuple[jax.Array, jax.Array, jax.Array], state: Variables) -> Any:
+        """Cross-entropy in training mode; BatchNorm statistics (non-param collections) update alongside."""
+        x, y, dropout = batch
         mutable = list(state) or False
-        out = model.apply({"params": params, **state}, x, train=True, rngs={"dropout": key}, mutable=mutable)
+        rngs = {"dropout": jax.random.wrap_key_data(dropout)}
+        out = model.apply({"params": params, **state}, x, train=True, rngs=rngs, mutable=mutable)
         logits, new_state = out if mutable else (out, {})
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, new_state
+        return loss, {**state, **new_state}
 
-    @jax.jit
-    def step(
-        params: Any, state: Variables, opt_state: Any, x: jax.Array, y: jax.Array, key: jax.Array
-    ) -> Any:
-        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x, y, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), {**state, **new_state}, opt_state, loss
-
-    return tx, step
+    return tx, fault_aware_step(loss_fn, tx, *plans)
 
 
 def _log(log: Log, message: str) -> None:

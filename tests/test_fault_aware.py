@@ -1,10 +1,11 @@
-"""Tests for fault-aware training (jaxfi.fault_aware_step, jaxfi.fault_aware) and range restriction."""
+"""Tests for fault-aware training (jaxfi.fault_aware_step, training.train with plans) and range restriction."""
 
 import json
 import pathlib
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 
 import jaxfi
-from jaxfi import data, fault_aware, models, training
+from jaxfi import data, models, training
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LR = 0.1
@@ -112,23 +113,53 @@ def test_non_finite_step_is_skipped(setup):
     assert same_bits(state.params, params) and same_bits(state.opt_state, tx.init(params))
 
 
-def test_train_without_faults_matches_training_train():
+class ConvBN(nn.Module):
+    """Tiny, with BatchNorm: a select fused into its step once changed the running means' rounding."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3), strides=2)(x)))
+        return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+
+
+@pytest.mark.parametrize("model,optimizer", [
+    (models.get_model("mlp", hidden=(32,)), "adam"),
+    (ConvBN(), "sgd"),
+], ids=["mlp", "conv-batchnorm"])
+def test_train_without_plans_is_bitwise_a_plain_optax_loop(model, optimizer):
     subset = data.eval_subset(data.load("mnist5k", "train"), 256)
-    model = models.get_model("mlp", hidden=(32,))
-    settings = dict(epochs=1, batch_size=64, learning_rate=1e-3, weight_decay=1e-4, log=None)
-    expected, want = training.train(model, subset, **settings)
-    got, metrics = fault_aware.train(model, subset, **settings)
-    assert same_bits(expected, got)
-    assert metrics["train_loss"] == want["train_loss"] and metrics["skipped_steps"] == [0]
+    got, metrics = training.train(model, subset, epochs=1, batch_size=64, learning_rate=1e-2,
+                                  optimizer=optimizer, weight_decay=1e-3, log=None)
+    variables = models.init_variables(model, subset.images.shape[1:], 0)
+    params, state = variables.pop("params"), variables
+    tx = training._optimizer(optimizer, 1e-2, 4, 0.9, 1e-3)
+
+    def loss_fn(params, state, x, y):
+        logits, new_state = model.apply({"params": params, **state}, x, train=True, mutable=list(state))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_state
+
+    @jax.jit
+    def step(params, state, opt_state, x, y):
+        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_state, opt_state, loss
+
+    opt_state, losses = tx.init(params), []
+    for x, y in data.batches(subset, 64, seed=(0, 0), drop_remainder=True):
+        params, state, opt_state, loss = step(params, state, opt_state, x, y)
+        losses.append(loss)
+    assert same_bits({"params": params, **state}, got)
+    assert metrics["train_loss"] == [float(jnp.mean(jnp.stack(losses)))]
+    assert metrics["skipped_steps"] == [0] and metrics["faults_per_step"] == [0.0]
 
 
 def test_train_with_faults_reports_them():
     subset = data.eval_subset(data.load("mnist5k", "train"), 256)
     model = models.get_model("mlp", hidden=(32,))
-    plan = jaxfi.Plan(jaxfi.Params("kernel"), count=2)
-    _, metrics = fault_aware.train(model, subset, subset, plans=[plan], epochs=1, batch_size=64,
-                                   learning_rate=1e-3, log=None)
-    assert metrics["faults_per_step"] == [2.0] and metrics["final_test_accuracy"] > 0.1
+    plans = [jaxfi.Plan(jaxfi.Params("kernel"), count=2), jaxfi.Plan(jaxfi.Inputs("arg1/0"), count=1)]
+    _, metrics = training.train(model, subset, subset, plans=plans, epochs=1, batch_size=64,
+                                learning_rate=1e-3, log=None)
+    assert metrics["faults_per_step"] == [3.0] and metrics["final_test_accuracy"] > 0.1
 
 
 # ----------------------------------------------------------------------------- range restriction

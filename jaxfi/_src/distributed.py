@@ -34,7 +34,7 @@ import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 
-from jaxfi._src.store import _differences, canonical_json
+from jaxfi._src.store import canonical_json, differences
 
 Columns = dict[str, np.ndarray]
 
@@ -150,7 +150,7 @@ class Layout:
         # Only on this error path: every process sends its whole text for a diff.
         padded = _allgather(np.frombuffer(text.ljust(int(lengths.max()), b" "), np.uint8))
         texts = [json.loads(bytes(row[:n])) for row, n in zip(padded, lengths[:, 0])]
-        lines = [f"process {p}: " + "; ".join(_differences(texts[0], texts[p]))
+        lines = [f"process {p}: " + "; ".join(differences(texts[0], texts[p]))
                  for p in range(1, self.processes) if (digests[p] != digests[0]).any()]
         raise ValueError(f"processes disagree on {what} (process 0 -> process p):\n"
                          + "\n".join(lines) + hint)

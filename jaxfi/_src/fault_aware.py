@@ -88,10 +88,12 @@ def fault_aware_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         applied = jnp.isfinite(loss) & _all_finite(grads)
-        new = TrainState(*_where(applied, (params, opt_state, model_state),
-                                 (state.params, state.opt_state, state.model_state)),
-                         state.step + 1)
-        return new, StepInfo(loss, applied, records)
+        # cond, not jnp.where: a select fuses with the ops that compute the new
+        # state and changes their rounding (BatchNorm running means), so the
+        # fault-free step would no longer be bitwise the plain one.
+        kept = jax.lax.cond(applied, lambda: (params, opt_state, model_state),
+                            lambda: (state.params, state.opt_state, state.model_state))
+        return TrainState(*kept, state.step + 1), StepInfo(loss, applied, records)
 
     return jax.jit(step)
 
@@ -105,7 +107,3 @@ def _all_finite(tree: Any) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
               if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def _where(pred: jax.Array, new: Any, old: Any) -> Any:
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)

@@ -4,15 +4,18 @@ A trial only needs to recompute what depends on its faults. This executor
 first draws every trial's faults (cheap), then groups the chunk's trials by
 the earliest layer they hit, in program order, for each plan. A group runs a
 program restricted (``faulty(..., only=...)``) to the sites of that layer and
-later ones. For params-only plans the program is split there (``prefix``):
-the golden prefix is computed once per group and each trial evaluates only
-the suffix on its faulty leaves; otherwise the prefix does not depend on the
-trial and XLA computes it once per call. Trials that drew no fault cost
-almost nothing. Within a group, trials run one at a time through ``lax.map``,
-the unbatched trial program: results equal the loop's bit for bit on the
-models we test (the campaign's ``verify`` checks every run's first chunk).
-Each layer compiles one program, so this pays off from about a thousand
-trials.
+later ones, split there: the golden values it reads are computed once per
+group, and each trial evaluates only what its faults reach. For params-only
+plans that is the program after the first faulted leaf (``prefix``); with
+input or activation faults it is the rows those faults hit, up to the first
+operation that mixes rows, then the whole batch (``rows``). Trials that also
+hit a site without a batch axis (a broadcast bias, say) form groups of their
+own that skip the row slicing. Trials that drew no fault cost almost nothing.
+Within a group, trials run one at a time through ``lax.map``, the unbatched
+trial program. Every split program is probed bit for bit against the
+unbatched trial and replaced by an unsplit one if XLA rounds differently; the
+campaign's ``verify`` also checks every run's first chunk. Each layer
+compiles one program, so this pays off from about a thousand trials.
 """
 
 from __future__ import annotations
@@ -34,12 +37,15 @@ from jaxfi._src import prefix as prefix_lib
 from jaxfi._src.calls import sub_jaxprs
 from jaxfi._src.inject import plan_faults
 from jaxfi._src.plan import Plan, Population
+from jaxfi._src.rows import RowProgram, row_sites
 from jaxfi._src.sites import param_sites
 from jaxfi._src.trial import faulty, sites_of
 
 TRIAL_AXIS = "trials"
 _NEVER = np.iinfo(np.int32).max
-Key = tuple[int | None, ...]
+# Per plan, the program rank of the earliest site hit (None: no hit); then
+# whether a fault landed on a site without a batch axis (see ``rows``).
+Key = tuple[tuple[int | None, ...], bool]
 
 
 def same_bits(a: Any, b: Any) -> bool:
@@ -77,17 +83,20 @@ def param_order(apply_fn: Callable[..., Any], params: Any, inputs: Any) -> dict[
 
 @dataclasses.dataclass(frozen=True)
 class _PlanView:
-    """A plan's population and the program rank of each of its sites."""
+    """A plan's population, the program rank of each of its sites and
+    whether a fault there changes one row only (params: every site)."""
 
     plan: Plan
     pop: Population
     rank: tuple[int, ...]
+    by_row: tuple[bool, ...]
 
-    def only(self, earliest: int | None) -> frozenset[int]:
-        """Sites a trial whose earliest hit has rank ``earliest`` may touch."""
+    def only(self, earliest: int | None, wide: bool) -> frozenset[int]:
+        """Sites a trial whose earliest hit has rank ``earliest`` may touch
+        (``wide``: sites without a batch axis included)."""
         if earliest is None:
             return frozenset()
-        return frozenset(s for s, r in enumerate(self.rank) if r >= earliest)
+        return frozenset(s for s, r in enumerate(self.rank) if r >= earliest and (wide or self.by_row[s]))
 
 
 def _layer(site: Any) -> str:
@@ -114,6 +123,7 @@ def _layer_ranks(sites: Sequence[Any], rank: Sequence[int]) -> tuple[int, ...]:
 def _views(apply_fn, plans: Sequence[Plan], params: Any, inputs: Any) -> list[_PlanView]:
     views = []
     order = None
+    rowed = row_sites(apply_fn, params, inputs) if any(p.kind != "params" for p in plans) else frozenset()
     for plan in plans:
         sites = tuple(sites_of(apply_fn, plan, params, inputs))
         pop = plan.population(sites)
@@ -123,7 +133,8 @@ def _views(apply_fn, plans: Sequence[Plan], params: Any, inputs: Any) -> list[_P
         else:
             # Activation sites are listed in program order; inputs come first.
             rank = list(range(len(pop.sites))) if plan.kind == "activations" else [0] * len(pop.sites)
-        views.append(_PlanView(plan, pop, _layer_ranks(pop.sites, rank)))
+        by_row = tuple(plan.kind == "params" or s.name in rowed for s in pop.sites)
+        views.append(_PlanView(plan, pop, _layer_ranks(pop.sites, rank), by_row))
     return views
 
 
@@ -161,29 +172,43 @@ class GroupedRunner:
 
         def hits(base_key, index):
             key = jax.random.fold_in(base_key, index)
-            out = []
+            out, wide = [], jnp.asarray(False)
             for i, view in enumerate(views):
                 faults = plan_faults(jax.random.fold_in(key, i), view.pop)
                 rank = jnp.asarray(view.rank, jnp.int32)[faults.site]
                 out.append(jnp.min(jnp.where(faults.valid, rank, _NEVER), initial=_NEVER))
-            return out
+                wide |= jnp.any(faults.valid & ~jnp.asarray(view.by_row)[faults.site])
+            return out, wide
 
         return jax.vmap(hits, in_axes=(None, 0))
 
     def keys(self, indices: np.ndarray) -> list[Key]:
-        """Per trial, the program rank of the earliest site hit by each plan (None: no hit)."""
+        """Per trial, the program rank of the earliest site hit by each plan
+        (None: no hit) and whether a fault hit a site without a batch axis."""
         padded = np.resize(indices, self.width).astype(np.int32)
-        earliest = jax.device_get(self._hits(self._args[0], padded))
-        return [tuple(None if int(e[t]) == _NEVER else int(e[t]) for e in earliest)
+        earliest, wide = jax.device_get(self._hits(self._args[0], padded))
+        return [(tuple(None if int(e[t]) == _NEVER else int(e[t]) for e in earliest), bool(wide[t]))
                 for t in range(len(indices))]
 
     def _trial(self, key: Key, split: bool) -> tuple[Callable[..., Any], Any]:
         """The trial function of a group and the extra argument it reads."""
-        only = tuple(v.only(k) for v, k in zip(self._views, key))
+        ranks, wide = key
+        only = tuple(v.only(k, wide) for v, k in zip(self._views, ranks))
         plans, apply_fn = self._trials.plans, self._trials.apply_fn
-        if not split or any(v.plan.kind != "params" for v in self._views):
+        params_only = all(v.plan.kind == "params" for v in self._views)
+        if not split and params_only:
             fn = faulty(apply_fn, *plans, only=only)
             return (lambda base_key, i, params, inputs, _: fn(jax.random.fold_in(base_key, i), params, inputs)), ()
+        if not split:
+            # Restricting activation or input sites changes where XLA fuses,
+            # so these groups fall back to the campaign's own trial.
+            return (lambda base_key, i, params, inputs, _: self._trials.fn(base_key, i, params, inputs)), ()
+        if not params_only:
+            program = RowProgram(apply_fn, self._trials.params, self._trials.inputs, plans,
+                                 [v.pop for v in self._views], only)
+            golden = program.golden(*self._args[1:])
+            return (lambda base_key, i, params, inputs, golden: program.trial(
+                jax.random.fold_in(base_key, i), params, golden)), golden
         leaf = {site.name: n for n, site in enumerate(param_sites(self._trials.params))}
         faulted = sorted({leaf[v.pop.sites[s].name] for v, o in zip(self._views, only) for s in o})
         cap = sum(v.pop.cap for v in self._views) if self._sparse else 0
@@ -213,8 +238,9 @@ class GroupedRunner:
     def _program(self, key: Key, probe: int) -> tuple[Any, Any]:
         """The group's program; a split program is kept only if trial ``probe``
         matches the unbatched trial bit for bit (XLA may round a separately
-        compiled prefix differently, e.g. around BatchNorm), else the unsplit
-        one, whose prefix XLA still hoists out of the loop."""
+        compiled prefix differently, e.g. around BatchNorm, or compute one row
+        differently from a batch), else the unsplit one, whose prefix XLA
+        still hoists out of the loop."""
         if key not in self._programs:
             began = time.perf_counter()
             self._programs[key] = self._compiled(key, split=True)

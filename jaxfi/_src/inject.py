@@ -212,16 +212,39 @@ def apply_site(key: jax.Array, values: jax.Array, site: int, faults: Faults,
         raise ValueError(
             f"site {spec.name}: expected {spec.dtype.name}{list(spec.shape)}, "
             f"got {values.dtype}{list(values.shape)}")
-    fmt = spec.format
+    flat, fields = _apply_flat(key, values.reshape(-1), faults.index, site, faults, pop)
+    return flat.reshape(values.shape), fields
+
+
+def apply_rows(key: jax.Array, rows: jax.Array, row_ids: jax.Array, site: int, faults: Faults,
+               pop: Population) -> tuple[jax.Array, SiteFaults]:
+    """``apply_site`` on some rows of the site's array: ``rows[j]`` is row
+    ``row_ids[j]`` (along the leading axis). Every fault on the site must lie
+    in one of those rows; the record holds the indices in the whole array."""
+    spec = pop.sites[site]
+    if tuple(rows.shape[1:]) != spec.shape[1:] or rows.dtype != spec.dtype:
+        raise ValueError(
+            f"site {spec.name}: expected rows of {spec.dtype.name}{list(spec.shape[1:])}, "
+            f"got {rows.dtype}{list(rows.shape)}")
+    per_row = spec.size // spec.shape[0]
+    row, offset = jnp.divmod(faults.index, per_row)
+    slot = jnp.argmax(row[:, None] == row_ids[None, :], axis=1).astype(faults.index.dtype)
+    flat, fields = _apply_flat(key, rows.reshape(-1), slot * per_row + offset, site, faults, pop)
+    return flat.reshape(rows.shape), fields
+
+
+def _apply_flat(key: jax.Array, flat: jax.Array, index: jax.Array, site: int, faults: Faults,
+                pop: Population) -> tuple[jax.Array, SiteFaults]:
+    """Corrupt ``flat`` at ``index`` (per fault slot) with the faults on ``site``."""
+    fmt = pop.sites[site].format
     rec = _record_dtype(pop)
     if pop.cap == 0:
         empty = jnp.zeros((0,), rec)
-        return values, SiteFaults(jnp.zeros((0,), bool), empty, empty, empty)
-    flat = values.reshape(-1)
+        return flat, SiteFaults(jnp.zeros((0,), bool), empty, empty, empty)
     hit = faults.valid & (faults.site == site)
     native = flat.dtype in _NATIVE_SCATTER
     store = flat if native else bits_lib.to_bits(flat)
-    before = store[jnp.where(hit, faults.index, 0)]
+    before = store[jnp.where(hit, index, 0)]
     before = bits_lib.to_bits(before) if native else before
     if pop.plan.granularity == "bit":
         mask = _combined_masks(faults, rec).astype(fmt.uint)
@@ -230,11 +253,10 @@ def apply_site(key: jax.Array, values: jax.Array, site: int, faults: Faults,
     else:
         after, own = pop.plan.fault.apply_raw(jax.random.fold_in(key, site), before, fmt)
     written = bits_lib.from_bits(after, flat.dtype) if native else after
-    store = store.at[jnp.where(hit, faults.index, spec.size)].set(written, mode="drop")
+    store = store.at[jnp.where(hit, index, flat.shape[0])].set(written, mode="drop")
     widen = lambda v: jnp.where(hit, v.astype(rec), 0)
     fields = SiteFaults(hit, widen(own), widen(before), widen(after))
-    out = store if native else bits_lib.from_bits(store, flat.dtype)
-    return out.reshape(values.shape), fields
+    return (store if native else bits_lib.from_bits(store, flat.dtype)), fields
 
 
 def assemble_record(faults: Faults, pop: Population, parts: Sequence[SiteFaults]) -> Record:

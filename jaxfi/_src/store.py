@@ -80,12 +80,16 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _differences(old: Any, new: Any, key: str = "") -> list[str]:
-    """'key: old -> new' for every leaf whose canonical JSON differs."""
+def differences(old: Any, new: Any, key: str = "") -> list[str]:
+    """Lines ``key: old -> new`` for every leaf at which two JSON values differ as JSON text.
+
+    Dicts are compared key by key, in sorted order, as dotted keys under
+    ``key``; a key on one side only shows as ``<absent>`` on the other.
+    """
     if isinstance(old, dict) and isinstance(new, dict):
         return [line for k in sorted(set(old) | set(new))
-                for line in _differences(old.get(k, _MISSING), new.get(k, _MISSING),
-                                         f"{key}.{k}" if key else k)]
+                for line in differences(old.get(k, _MISSING), new.get(k, _MISSING),
+                                        f"{key}.{k}" if key else k)]
     # Compare as JSON text: 1 == 1.0 == True in Python, but not in the hash.
     same = old is not _MISSING and new is not _MISSING and \
         json.dumps(old, sort_keys=True) == json.dumps(new, sort_keys=True)
@@ -252,7 +256,7 @@ class Store:
                              f"expected {FORMAT!r}")
         old = manifest.get("config")
         if not isinstance(old, dict) or canonical_json(old) != canonical_json(self.config):
-            diffs = _differences(old, self.config)
+            diffs = differences(old, self.config)
             raise ValueError(
                 f"store {self.path} was created with a different config; differing "
                 f"keys (stored -> given): {'; '.join(diffs)}. Use a new path, or the "

@@ -1,0 +1,456 @@
+"""Row slicing: a fault in one example's values changes only that example.
+
+In a model evaluated on a batch, most operations treat each example (row of
+the leading axis) on its own: elementwise maths, convolutions, pooling,
+reshapes that keep the leading axis. A fault in an input or an activation of
+example ``n`` therefore changes only row ``n`` until the first operation that
+mixes rows or is not known to compute a row the same way at any batch size
+(``dot_general`` and float sums among them: XLA:CPU picks other kernels
+for one row than for many, which round differently).
+
+``RowProgram`` splits a trial accordingly. A golden run computes, once, every
+value the trial reads without changing. Per trial, only the operations that
+depend on a fault run: on the faulted rows alone while they stay row-local,
+then, from the first other operation on, on the whole batch with those rows
+written into the golden values. A convolutional trunk hit by one fault thus
+costs one example instead of the batch. Which rows are computed is drawn
+with the trial's faults; their number is static (the plans' fault caps).
+
+Records equal ``faulty``'s: the same faults are drawn from the same keys and
+indexed in the whole arrays. Whether the values equal the unsliced trial bit
+for bit depends on the backend's kernels, so callers check (the grouped
+executor probes every program against the unbatched trial).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex
+
+from jaxfi._src import bits as bits_lib
+from jaxfi._src import activations
+from jaxfi._src.inject import (_NATIVE_SCATTER, Faults, apply_rows, apply_site, assemble_record, inject,
+                               sample_faults)
+from jaxfi._src.plan import Plan, Population
+from jaxfi._src.sites import param_sites
+from jaxfi._src.trial import input_sites
+
+_ELEMENTWISE = frozenset({
+    "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "cbrt",
+    "ceil", "clamp", "convert_element_type", "copy", "copy_p", "cos", "cosh", "div", "eq", "erf",
+    "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt", "imag", "integer_pow",
+    "is_finite", "le", "lgamma", "digamma", "log", "log1p", "logistic", "lt", "max", "min", "mul",
+    "ne", "neg", "nextafter", "not", "or", "pow", "real", "reduce_precision", "rem", "round",
+    "rsqrt", "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical", "sign",
+    "sin", "sinh", "sqrt", "square", "sub", "tan", "tanh", "xor"})
+# Not reduce_sum or reduce_prod: XLA:CPU vectorises a float sum over the
+# other axes differently for one row than for many (seen: a global average
+# pool), so the result would not be the batch's row bit for bit.
+_REDUCTIONS = frozenset({"reduce_max", "reduce_min", "reduce_and", "reduce_or", "reduce_xor",
+                         "argmax", "argmin"})
+_WINDOWS = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
+# Operations whose results XLA always writes to memory (library calls).
+_MATERIALISED = frozenset({"conv_general_dilated", "dot_general"})
+# Params that spell the batch size of an operation's output.
+_SHAPE_PARAMS = {"reshape": "new_sizes", "broadcast_in_dim": "shape", "slice": "limit_indices"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Op:
+    eqn: jex.JaxprEqn
+    ins: tuple[Any, ...]
+    outs: tuple[int | None, ...]
+
+
+class _Flat:
+    """An activations program as one list of ops over value ids.
+
+    Activation values keep their site ids; program inputs and constants get
+    negative ids. Call bodies are inlined.
+    """
+
+    def __init__(self, program: Any):
+        self.ops: list[_Op] = []
+        self.consts: dict[int, Any] = {}
+        self._next = -1
+        graph = program.graph
+        self.inputs = [self._fresh() for _ in graph.jaxpr.invars]
+        self.outputs = self._walk(graph, self.inputs)
+
+    def _fresh(self) -> int:
+        self._next -= 1
+        return self._next + 1
+
+    def _walk(self, graph: Any, in_ids: Sequence[Any]) -> list[Any]:
+        env = dict(zip(graph.jaxpr.invars, in_ids))
+        for var, value in zip(graph.jaxpr.constvars, graph.consts):
+            env[var] = self._fresh()
+            self.consts[env[var]] = value
+        read = lambda v: env[v] if isinstance(v, jex.Var) else v
+        for node in graph.nodes:
+            ins = tuple(read(v) for v in node.eqn.invars)
+            if node.body is not None:
+                outs = self._walk(node.body, ins)
+            else:
+                self.ops.append(_Op(node.eqn, ins, node.ids))
+                outs = node.ids
+            env.update((v, o) for v, o in zip(node.eqn.outvars, outs) if o is not None)
+        return [read(v) for v in graph.jaxpr.outvars]
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.aval.shape)
+
+
+def _row_operands(eqn: jex.JaxprEqn, batch: int) -> tuple[bool, ...] | None:
+    """Which operands are sliced by rows when ``eqn`` runs on some rows only,
+    or None if it does not treat each row of its output on its own."""
+    name, p = eqn.primitive.name, eqn.params
+    out_rank = len(_shape(eqn.outvars[0]))
+    if any(_shape(o)[:1] != (batch,) for o in eqn.outvars):
+        return None
+    shapes = [_shape(v) for v in eqn.invars]
+    rowed = lambda s: len(s) == out_rank and s[:1] == (batch,)
+    first = rowed(shapes[0])
+    rest = (False,) * (len(shapes) - 1)
+    if name in _ELEMENTWISE or (name == "concatenate" and p["dimension"] != 0):
+        return tuple(rowed(s) for s in shapes)
+    if name == "conv_general_dilated":
+        dn = p["dimension_numbers"]
+        ok = p["batch_group_count"] == 1 and dn.lhs_spec[0] == 0 and dn.out_spec[0] == 0
+        return (True, False) if ok and first else None
+    if name in _WINDOWS:
+        lead = (p["window_dimensions"][0], p["window_strides"][0], tuple(p["padding"][0]),
+                p["base_dilation"][0], p["window_dilation"][0])
+        return (True,) if lead == (1, 1, (0, 0), 1, 1) else None
+    keeps_rows = {
+        "reduce": lambda: 0 not in p.get("axes", (0,)),
+        "reshape": lambda: p["dimensions"] is None and shapes[0][:1] == (batch,),
+        "broadcast_in_dim": lambda: tuple(p["broadcast_dimensions"][:1]) == (0,) and shapes[0][:1] == (batch,),
+        "transpose": lambda: p["permutation"][0] == 0,
+        "squeeze": lambda: 0 not in p["dimensions"],
+        "rev": lambda: 0 not in p["dimensions"],
+        "pad": lambda: tuple(p["padding_config"][0]) == (0, 0, 0),
+        "slice": lambda: (p["start_indices"][0] == 0 and p["limit_indices"][0] == batch
+                          and (p["strides"] is None or p["strides"][0] == 1)),
+    }
+    kind = "reduce" if name in _REDUCTIONS else name
+    if kind in keeps_rows and (first or kind in ("reshape", "broadcast_in_dim")) and keeps_rows[kind]():
+        return (True,) + rest
+    return None
+
+
+def _row_params(eqn: jex.JaxprEqn, rows: int) -> dict[str, Any]:
+    params = dict(eqn.params)
+    key = _SHAPE_PARAMS.get(eqn.primitive.name)
+    if key is not None:
+        params[key] = (rows,) + tuple(params[key][1:])
+    return params
+
+
+def _raw(x: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """``x`` as values safe to gather and scatter bit for bit, and the way back.
+
+    XLA:CPU quiets signalling NaNs when it moves emulated formats (bfloat16,
+    float8), so those travel as unsigned integers.
+    """
+    if np.dtype(x.dtype) in _NATIVE_SCATTER or x.dtype == jnp.bool_:
+        return x, lambda y: y
+    return bits_lib.to_bits(x), lambda y: bits_lib.from_bits(y, x.dtype)
+
+
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """``x[rows]`` along the leading axis; out-of-range rows read zeros."""
+    raw, back = _raw(x)
+    return back(jnp.take(raw, rows, axis=0, mode="fill", fill_value=0))
+
+
+def put_rows(x: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+    """``x`` with ``x[rows] = values``; out-of-range rows are dropped."""
+    raw, back = _raw(x)
+    return back(raw.at[rows].set(_raw(values)[0], mode="drop"))
+
+
+def _batched(flat: _Flat, arrays: Sequence[Any], n_params: int, batch: int) -> set[int]:
+    """Ids of the values whose leading axis is the batch: inputs with a
+    leading ``batch`` axis and what row-local operations make of them."""
+    batched = {i for i, a in zip(flat.inputs[n_params:], arrays[n_params:]) if np.shape(a)[:1] == (batch,)}
+    for op in flat.ops:
+        sliced = _row_operands(op.eqn, batch)
+        if sliced is not None and any(s and x in batched for x, s in zip(op.ins, sliced) if isinstance(x, int)):
+            batched.update(o for o in op.outs if o is not None)
+    return batched
+
+
+def row_sites(fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> frozenset[str]:
+    """Names of the input and activation sites of ``fn(params, inputs)`` whose
+    faults keep row slicing: values with a batch axis (the leading axis of
+    ``inputs``), and values after the last such one (from there a trial runs
+    on the whole batch anyway). A fault on any other site (a bias broadcast
+    inside a convolutional trunk, say) changes every row."""
+    program, arrays = activations._trace(fn, (params, inputs))
+    flat = _Flat(program)
+    n_params = len(param_sites(params))
+    batched = _batched(flat, arrays, n_params, int(np.shape(arrays[n_params])[0]))
+    last = max((n for n, op in enumerate(flat.ops) if batched.intersection(op.outs)), default=-1)
+    keep = batched | {o for op in flat.ops[last + 1:] for o in op.outs}
+    names = {flat.inputs[n_params + n]: s.name for n, s in enumerate(input_sites((params, inputs)))}
+    names.update((i, name) for name, i in program.ids.items())
+    return frozenset(names[i] for i in keep if i in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hook:
+    """Plan ``plan``'s population site ``site`` is the value this hook is on."""
+
+    plan: int
+    site: int
+
+
+# Where a computed op reads an operand: a literal, the trial's own value, the
+# golden value, the golden value's faulted rows, or the golden value with the
+# trial's own rows written in.
+_Recipe = tuple[str, ...]
+
+
+class RowProgram:
+    """One trial of ``fn(params, inputs)`` under ``plans`` restricted to ``only``
+    (population site indices per plan), computed on the faulted rows while
+    the program stays row-local (see the module doc).
+
+    ``golden(params, inputs)`` returns the values trials read (compute it
+    once); ``trial(key, params, golden) -> (output, records)`` equals
+    ``faulty(fn, *plans, only=only)(key, params, inputs)``.
+    """
+
+    def __init__(self, fn: Callable[[Any, Any], Any], params: Any, inputs: Any,
+                 plans: Sequence[Plan], pops: Sequence[Population], only: Sequence[frozenset[int]]):
+        program, arrays = activations._trace(fn, (params, inputs))
+        self._flat = flat = _Flat(program)
+        self._out_tree = program.out_tree
+        self._plans, self._pops, self._only = tuple(plans), tuple(pops), tuple(only)
+        n_params = len(param_sites(params))
+        self.batch = int(np.shape(arrays[n_params])[0])
+        input_ids = {s.name: flat.inputs[n_params + n] for n, s in enumerate(input_sites((params, inputs)))}
+        leaf_ids = {s.name: flat.inputs[n] for n, s in enumerate(param_sites(params))}
+        self._hooks: dict[int, list[_Hook]] = {}
+        # Every activation site of the plans, faulted in this program or not.
+        self._sites: dict[int, list[_Hook]] = {}
+        faulted: set[int] = set()
+        for i, (plan, pop) in enumerate(zip(plans, pops)):
+            ids = {"params": leaf_ids, "inputs": input_ids, "activations": program.ids}[plan.kind]
+            for s, site in enumerate(pop.sites):
+                if plan.kind == "activations":
+                    self._sites.setdefault(ids[site.name], []).append(_Hook(i, s))
+                if s not in only[i]:
+                    continue
+                if plan.kind == "params":
+                    faulted.add(ids[site.name])
+                else:
+                    self._hooks.setdefault(ids[site.name], []).append(_Hook(i, s))
+        self._analyse(_batched(flat, arrays, n_params, self.batch), faulted)
+        if self.rows > self.batch // 2:
+            # So many rows gain little: run on the whole batch from the first fault.
+            self._analyse(set(), faulted)
+
+    def _analyse(self, batched: set[int], faulted: set[int]) -> None:
+        """Decide once which values a trial computes, and whether by rows, whole or both."""
+        flat = self._flat
+        mode = {i: "full" for i in faulted}
+        self._hooked_mode(flat.inputs, batched, mode)
+        hows, slices = [], []
+        for op in flat.ops:
+            slices.append(_row_operands(op.eqn, self.batch))
+            hows.append(_how(op, slices[-1], mode))
+            if hows[-1] is not None:
+                mode.update((o, hows[-1]) for o in op.outs if o is not None)
+            self._hooked_mode(op.outs, batched, mode)
+        self._mode = mode
+        doubled = self._doubled(hows, mode)
+        self._steps = [(op, _rows_recipe(op, sliced, mode) if how == "rows" else None,
+                        _full_recipe(op, mode, doubled) if how == "full" or bool(doubled.intersection(op.outs)) else None,
+                        how) for op, how, sliced in zip(flat.ops, hows, slices)]
+        self._doubled_ids = doubled
+        by_rows = {(h.plan, h.site) for i, hooks in self._hooks.items() if mode[i] == "rows" for h in hooks}
+        self._row_sites = {p: frozenset(s for q, s in by_rows if q == p) for p, _ in by_rows}
+        self.rows = sum(self._pops[p].cap for p in self._row_sites)
+        reads = {x for op, rows, full, _ in self._steps for recipe in (rows, full) if recipe
+                 for x, r in zip(op.ins, recipe) if r in ("golden", "take", "splice")}
+        reads |= {x for x in flat.outputs if isinstance(x, int) and mode.get(x) == "rows" and x not in doubled}
+        reads |= {x for x in flat.outputs if isinstance(x, int) and x not in mode}
+        computed = {o for op, rows, full, _ in self._steps if rows or full for o in op.outs}
+        reads |= {i for i in self._hooks if i not in computed}
+        self._golden_ids = sorted(reads - set(flat.consts) - faulted)
+
+    def _doubled(self, hows: Sequence[str | None], mode: dict[int, str]) -> set[int]:
+        """Row-computed values that are also computed on the whole batch.
+
+        Where whole-batch operations read rows, XLA would fuse the elementwise
+        operations before them into their loops in the unsliced trial, and may
+        then round differently (seen with a ResNet's pooling after BatchNorm).
+        So those operations run on the whole batch too, back to the nearest
+        values XLA always materialises: convolutions, faulted values, inputs.
+        """
+        ops = self._flat.ops
+        need = {x for op, how in zip(ops, hows) if how == "full" for x in op.ins
+                if isinstance(x, int) and mode.get(x) == "rows"}
+        need |= {x for x in self._flat.outputs if isinstance(x, int) and mode.get(x) == "rows"}
+        doubled: set[int] = set()
+        for op, how in zip(reversed(ops), reversed(hows)):
+            if (how == "rows" and need.intersection(op.outs) and op.eqn.primitive.name not in _MATERIALISED
+                    and not self._hooks.keys() & set(op.outs)):
+                doubled.update(o for o in op.outs if o is not None)
+                need.update(x for x in op.ins if isinstance(x, int) and mode.get(x) == "rows")
+        return doubled
+
+    def _hooked_mode(self, ids: Sequence[int | None], batched: set[int], mode: dict[int, str]) -> None:
+        """A faulted golden value becomes the trial's own: by rows if it has a batch axis."""
+        for i in ids:
+            if i in self._hooks and i not in mode:
+                mode[i] = "rows" if i in batched else "full"
+
+    def golden(self, params: Any, inputs: Any) -> list[Any]:
+        """The golden values trials read, computed on the unfaulted arguments.
+
+        Compiles and runs its own program; do not wrap it in ``jit``. Every
+        site of the plans gets the same fault-writing operations as in a
+        trial, only with no fault: they keep XLA from fusing across those
+        values (a fused multiply-add rounds differently), so the golden values
+        match the trial's unfaulted ones bit for bit. The empty fault sets are
+        arguments so that XLA cannot fold those operations away.
+        """
+        blanks = [Faults(np.full(pop.cap, -1, np.int32), np.zeros(pop.cap, np.int32),
+                         np.zeros(pop.cap, np.int32), np.zeros(pop.cap, bool), np.False_) for pop in self._pops]
+        return jax.jit(self._golden)(params, inputs, jax.random.key(0), blanks)
+
+    def _golden(self, params: Any, inputs: Any, key: jax.Array, blanks: Sequence[Faults]) -> list[Any]:
+        env = dict(self._flat.consts)
+        env.update(zip(self._flat.inputs, param_leaves(params) + jax.tree.leaves(inputs)))
+        for op in self._flat.ops:
+            _bind(op, [_value(env, x) for x in op.ins], op.eqn.params, env)
+            for o in op.outs:
+                for hook in self._sites.get(o, ()):
+                    env[o] = apply_site(key, env[o], hook.site, blanks[hook.plan], self._pops[hook.plan])[0]
+        return [env[i] for i in self._golden_ids]
+
+    def trial(self, key: jax.Array, params: Any, golden: Sequence[Any]) -> tuple[Any, tuple[Any, ...]]:
+        """One trial from its key, the (unfaulted) params and ``golden``."""
+        flat = self._flat
+        gold = dict(flat.consts) | dict(zip(self._golden_ids, golden))
+        records: list[Any] = [None] * len(self._plans)
+        draws: dict[int, tuple[jax.Array, Faults]] = {}
+        for i, (plan, pop) in enumerate(zip(self._plans, self._pops)):
+            k = jax.random.fold_in(key, i)
+            if plan.kind == "params":
+                params, records[i] = inject(k, params, plan, self._only[i])
+            else:
+                k_sample, k_apply = jax.random.split(k)
+                draws[i] = (k_apply, sample_faults(k_sample, pop))
+        own = {i: x for i, x in zip(flat.inputs, param_leaves(params)) if self._mode.get(i) == "full"}
+        own_full: dict[int, Any] = {}
+        rows = self._rows(draws)
+        parts: dict[int, list[Any]] = {i: [] for i in draws}
+        self._fault(flat.inputs, own, gold, rows, draws, parts)
+        for op, rows_recipe, full_recipe, how in self._steps:
+            if rows_recipe:
+                args = [_operand(x, r, own, gold, rows) for x, r in zip(op.ins, rows_recipe)]
+                _bind(op, args, _row_params(op.eqn, self.rows), own)
+            if full_recipe:
+                args = [_operand(x, r, own | own_full, gold, rows) for x, r in zip(op.ins, full_recipe)]
+                _bind(op, args, op.eqn.params, own if how == "full" else own_full)
+            self._fault(op.outs, own, gold, rows, draws, parts)
+        for i, (k_apply, faults) in draws.items():
+            records[i] = assemble_record(faults, self._pops[i], parts[i])
+        outs = [_operand(x, _output_recipe(x, self._mode, self._doubled_ids), own | own_full, gold, rows)
+                for x in flat.outputs]
+        return jax.tree.unflatten(self._out_tree, outs), tuple(records)
+
+    def _rows(self, draws: dict[int, tuple[jax.Array, Faults]]) -> jax.Array:
+        """The distinct rows holding the trial's faults on row-sliced sites
+        (``batch`` fills the unused slots)."""
+        found = []
+        for p, sites in self._row_sites.items():
+            faults, pop = draws[p][1], self._pops[p]
+            per_row = np.array([s.size // max(1, s.shape[0]) if s.shape else 1 for s in pop.sites], np.int32)
+            on = jnp.asarray([s in sites for s in range(len(pop.sites))])[jnp.maximum(faults.site, 0)]
+            row = faults.index // jnp.asarray(per_row)[jnp.maximum(faults.site, 0)]
+            found.append(jnp.where(faults.valid & on, row, self.batch))
+        if not found:
+            return jnp.zeros((0,), jnp.int32)
+        return jnp.unique(jnp.concatenate(found), size=self.rows, fill_value=self.batch).astype(jnp.int32)
+
+    def _fault(self, ids: Sequence[int | None], own: dict, gold: dict, rows: jax.Array,
+               draws: dict, parts: dict) -> None:
+        for i in ids:
+            for hook in self._hooks.get(i, ()):
+                by_rows = self._mode[i] == "rows"
+                if i not in own:
+                    own[i] = take_rows(gold[i], rows) if by_rows else gold[i]
+                k_apply, faults = draws[hook.plan]
+                pop = self._pops[hook.plan]
+                if by_rows:
+                    own[i], part = apply_rows(k_apply, own[i], rows, hook.site, faults, pop)
+                else:
+                    own[i], part = apply_site(k_apply, own[i], hook.site, faults, pop)
+                parts[hook.plan].append(part)
+
+
+def _how(op: _Op, sliced: tuple[bool, ...] | None, mode: dict[int, str]) -> str | None:
+    """None if ``op`` reads no trial value; else "rows" if it can run on the
+    faulted rows alone, "full" if it must run on the whole batch."""
+    own = [(x, s) for x, s in zip(op.ins, sliced or (False,) * len(op.ins)) if isinstance(x, int) and x in mode]
+    if not own:
+        return None
+    rowwise = sliced is not None and all(mode[x] == "rows" and s for x, s in own)
+    return "rows" if rowwise else "full"
+
+
+def _rows_recipe(op: _Op, sliced: tuple[bool, ...], mode: dict[int, str]) -> _Recipe:
+    """Operands of ``op`` run on the trial's rows: its own rows, or the golden value's."""
+    return tuple("literal" if not isinstance(x, int) else "own" if x in mode else "take" if s else "golden"
+                 for x, s in zip(op.ins, sliced))
+
+
+def _full_recipe(op: _Op, mode: dict[int, str], doubled: set[int]) -> _Recipe:
+    """Operands of ``op`` run on the whole batch: its own whole values, its own
+    rows written into the golden values, or the golden values."""
+    return tuple(_output_recipe(x, mode, doubled) for x in op.ins)
+
+
+def _output_recipe(x: Any, mode: dict[int, str], doubled: set[int]) -> str:
+    if not isinstance(x, int):
+        return "literal"
+    if mode.get(x) == "rows":
+        return "full_of" if x in doubled else "splice"
+    return "own" if x in mode else "golden"
+
+
+def _operand(x: Any, recipe: str, own: dict, gold: dict, rows: jax.Array) -> Any:
+    if recipe == "literal":
+        return x.val
+    if recipe == "take":
+        return take_rows(gold[x], rows)
+    if recipe == "splice":
+        return put_rows(gold[x], rows, own[x])
+    return own[x] if recipe in ("own", "full_of") else gold[x]
+
+
+def _value(env: dict, x: Any) -> Any:
+    return env[x] if isinstance(x, int) else x.val
+
+
+def _bind(op: _Op, args: Sequence[Any], params: dict[str, Any], env: dict) -> None:
+    out = op.eqn.primitive.bind(*args, **op.eqn.primitive.get_bind_params(params))
+    outs = out if op.eqn.primitive.multiple_results else (out,)
+    env.update((o, v) for o, v in zip(op.outs, outs) if o is not None)
+
+
+def param_leaves(params: Any) -> list[Any]:
+    """The array leaves of a params pytree, in the order of ``param_sites``."""
+    return [x for x in jax.tree.leaves(params) if hasattr(x, "dtype")]
