@@ -211,6 +211,19 @@ def test_grouped_prefix_split_is_bitwise_equal_to_single_trials(plan):
     assert len(sites_hit) >= 2
 
 
+def test_grouped_runs_single_trials_where_no_program_matches(monkeypatch):
+    """A group whose split and unsplit programs both fail the probe runs the unbatched trial."""
+    from jaxfi._src import grouped
+    trials = make_trials()
+    expected = jax.tree.map(lambda *xs: np.stack(xs), *[trials.replay(i) for i in range(12)])
+    monkeypatch.setattr(grouped, "same_bits", lambda a, b: False)
+    runner = ex.GroupedExecutor(4).build(trials, 12, jax.local_devices())
+    out = runner(0, 12)
+    assert runner._programs and all(p is None for p in runner._programs.values())
+    monkeypatch.undo()
+    assert ex.same_bits(out, expected)
+
+
 def test_grouped_and_only_bad_inputs():
     base = make_trials()
     with pytest.raises(ValueError, match="group_width must be a positive int"):

@@ -43,6 +43,8 @@ from jaxfi._src.trial import faulty, sites_of
 
 TRIAL_AXIS = "trials"
 _NEVER = np.iinfo(np.int32).max
+# Distinct trials of a group checked against the unbatched trial before its program is used.
+_PROBES = 4
 # Per plan, the program rank of the earliest site hit (None: no hit); then
 # whether a fault landed on a site without a batch axis (see ``rows``).
 Key = tuple[tuple[int | None, ...], bool]
@@ -165,7 +167,7 @@ class GroupedRunner:
         """Compile the programs of the first chunk's groups, so that timing a
         chunk measures running; rarer groups compile when they first appear."""
         for key, positions in self._grouped(indices).items():
-            jax.block_until_ready(self._run_group(key, indices[positions][:1]))
+            jax.block_until_ready(self._run_group(key, indices[positions][:_PROBES]))
 
     def _hit_fn(self) -> Callable[..., Any]:
         views = self._views
@@ -235,19 +237,24 @@ class GroupedRunner:
                       PartitionSpec())))
         return program, extra
 
-    def _program(self, key: Key, probe: int) -> tuple[Any, Any]:
-        """The group's program; a split program is kept only if trial ``probe``
-        matches the unbatched trial bit for bit (XLA may round a separately
-        compiled prefix differently, e.g. around BatchNorm, or compute one row
-        differently from a batch), else the unsplit one, whose prefix XLA
-        still hoists out of the loop."""
+    def _program(self, key: Key, indices: np.ndarray) -> tuple[Any, Any] | None:
+        """The group's program: the split one if the group's first trials
+        match the unbatched trial bit for bit (XLA may round a separately
+        compiled part differently, e.g. around BatchNorm, or compute one row
+        differently from a batch), else the unsplit one if they match, else
+        None: the group's trials then run one by one as the unbatched trial."""
         if key not in self._programs:
             began = time.perf_counter()
-            self._programs[key] = self._compiled(key, split=True)
-            # The sparse path is knowingly not bitwise, so it is not probed.
-            if not self._sparse and not same_bits(self._call(self._programs[key], np.full(self._group, probe, np.int32)),
-                             jax.tree.map(lambda a: np.stack([a] * self._group), self._trials.replay(probe))):
-                self._programs[key] = self._compiled(key, split=False)
+            probe = np.resize(indices[:_PROBES], self._group).astype(np.int32)
+            replays = {int(i): self._trials.replay(int(i)) for i in indices[:_PROBES]}
+            expected = jax.tree.map(lambda *xs: np.stack(xs), *[replays[int(i)] for i in probe])
+            self._programs[key] = None
+            for split in (True, False):
+                compiled = self._compiled(key, split)
+                # The sparse path is knowingly not bitwise, so it is not probed.
+                if (split and self._sparse) or same_bits(self._call(compiled, probe), expected):
+                    self._programs[key] = compiled
+                    break
             self.compile_seconds += time.perf_counter() - began
         return self._programs[key]
 
@@ -262,8 +269,11 @@ class GroupedRunner:
         # layer; padding repeats the last trial and its results are dropped.
         padded = np.resize(indices, len(indices) + (-len(indices) % self._group)).astype(np.int32)
         padded[len(indices):] = indices[-1]
-        compiled = self._program(key, int(indices[0]))
-        outs = [self._call(compiled, padded[i:i + self._group]) for i in range(0, len(padded), self._group)]
+        compiled = self._program(key, indices)
+        if compiled is None:
+            outs = [jax.tree.map(lambda a: a[None], self._trials.replay(int(i))) for i in indices]
+        else:
+            outs = [self._call(compiled, padded[i:i + self._group]) for i in range(0, len(padded), self._group)]
         return jax.tree.map(lambda *xs: np.concatenate(xs)[:len(indices)], *outs)
 
     def _grouped(self, indices: np.ndarray) -> dict[Key, list[int]]:

@@ -286,7 +286,32 @@ class RowProgram:
         reads |= {x for x in flat.outputs if isinstance(x, int) and x not in mode}
         computed = {o for op, rows, full, _ in self._steps if rows or full for o in op.outs}
         reads |= {i for i in self._hooks if i not in computed}
-        self._golden_ids = sorted(reads - set(flat.consts) - faulted)
+        self._again = self._recomputed(reads, hows)
+        again_outs = {o for n in self._again for o in flat.ops[n].outs}
+        reads = (reads - again_outs) | {x for n in self._again for x in flat.ops[n].ins if isinstance(x, int)}
+        self._golden_ids = sorted(reads - again_outs - set(flat.consts) - faulted)
+
+    def _recomputed(self, reads: set[int], hows: Sequence[str | None]) -> set[int]:
+        """Golden operations a trial computes again rather than reading their results.
+
+        In the unsliced trial XLA fuses such operations (a BatchNorm's scale,
+        a ReLU) into their consumers and may round differently than when it
+        reads them from memory; so a trial recomputes every golden value it
+        reads back to values XLA always materialises: convolution and matmul
+        results, sites (which carry fault-writing operations), inputs.
+        """
+        flat = self._flat
+        producer = {o: n for n, op in enumerate(flat.ops) for o in op.outs if o is not None}
+        again: set[int] = set()
+        work = list(reads)
+        while work:
+            n = producer.get(work.pop())
+            if (n is None or n in again or hows[n] is not None or flat.ops[n].eqn.primitive.name in _MATERIALISED
+                    or self._sites.keys() & set(flat.ops[n].outs) or self._hooks.keys() & set(flat.ops[n].outs)):
+                continue
+            again.add(n)
+            work.extend(x for x in flat.ops[n].ins if isinstance(x, int))
+        return again
 
     def _doubled(self, hows: Sequence[str | None], mode: dict[int, str]) -> set[int]:
         """Row-computed values that are also computed on the whole batch.
@@ -357,7 +382,9 @@ class RowProgram:
         rows = self._rows(draws)
         parts: dict[int, list[Any]] = {i: [] for i in draws}
         self._fault(flat.inputs, own, gold, rows, draws, parts)
-        for op, rows_recipe, full_recipe, how in self._steps:
+        for n, (op, rows_recipe, full_recipe, how) in enumerate(self._steps):
+            if n in self._again:
+                _bind(op, [_value(gold, x) for x in op.ins], op.eqn.params, gold)
             if rows_recipe:
                 args = [_operand(x, r, own, gold, rows) for x, r in zip(op.ins, rows_recipe)]
                 _bind(op, args, _row_params(op.eqn, self.rows), own)
