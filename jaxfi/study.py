@@ -556,6 +556,28 @@ def timings(done: Sequence[Done]) -> list[dict[str, Any]]:
              "seconds": round(d.seconds, 2)} for d in done]
 
 
+def write_report(stem: str | pathlib.Path, table: pd.DataFrame, *, name: str,
+                 plot: Callable[[pd.DataFrame, str, str], None], title: str,
+                 flag_values: dict[str, Any], subjects: Sequence[Subject], done: Sequence[Done],
+                 began: float, show: Callable[[pd.DataFrame], None]) -> None:
+    """Write ``table`` to STEM.csv, its ``plot`` to STEM.png and STEM.json, then ``show`` it.
+
+    ``plot`` is called as ``plot(table, path, title)``. The JSON holds the
+    study ``name``, the command line, ``flag_values``, the subjects' info, the
+    jobs' ``timings`` and the seconds since ``began`` (a ``time.perf_counter()``
+    reading).
+    """
+    table.to_csv(f"{stem}.csv", index=False)
+    plot(table, f"{stem}.png", title)
+    wall = time.perf_counter() - began
+    write_json(f"{stem}.json", {
+        "study": name, "command": sys.argv, "flags": flag_values,
+        "models": {s.label: s.info for s in subjects}, "points": timings(done),
+        "wall_seconds": round(wall, 1)})
+    show(table)
+    print(f"wrote {stem}.{{csv,json,png}} in {wall:.0f}s")
+
+
 # ------------------------------------------------------------------- plots
 
 

@@ -4,16 +4,18 @@ A trial only needs to recompute what depends on its faults. This executor
 first draws every trial's faults (cheap), then groups the chunk's trials by
 the earliest layer they hit, in program order, for each plan. A group runs a
 program restricted (``faulty(..., only=...)``) to the sites of that layer and
-later ones, split there: the golden values it reads are computed once per
-group, and each trial evaluates only what its faults reach. For params-only
-plans that is the program after the first faulted leaf (``prefix``); with
-input or activation faults it is the rows those faults hit, up to the first
-operation that mixes rows, then the whole batch (``rows``). Trials that also
-hit a site without a batch axis (a broadcast bias, say) form groups of their
-own that skip the row slicing. Trials that drew no fault cost almost nothing.
-Within a group, trials run one at a time through ``lax.map``, the unbatched
-trial program. Every split program is probed bit for bit against the
-unbatched trial and replaced by an unsplit one if XLA rounds differently; the
+later ones and split there (``rows``): the golden values it reads are
+computed once per group, and each trial computes only what its faults reach:
+from a weight fault on, the whole batch; from an input or activation fault
+on, the rows it hit, up to the first operation that mixes rows. Trials that
+also hit a site without a batch axis (a broadcast bias, say) form groups of
+their own without row slicing. Trials that drew no fault cost almost nothing.
+Within a group, trials run one at a time through ``lax.map``.
+
+Every group's program is probed bit for bit against the unbatched trial on
+the group's first trials; if XLA rounds it differently (its fusion choices
+differ around BatchNorm on CPU), the unsplit program is probed, and if that
+differs too the group's trials run one by one as the unbatched trial. The
 campaign's ``verify`` also checks every run's first chunk. Each layer
 compiles one program, so this pays off from about a thousand trials.
 """
@@ -148,7 +150,6 @@ class GroupedRunner:
         if trials.apply_fn is None or trials.plans is None:
             raise ValueError("the grouped executor needs a campaign's apply_fn and plans")
         self.name = f"grouped(width={group_width}{', sparse' if sparse else ''})"
-        self._sparse = sparse
         self.width = chunk_size
         self._trials = trials
         self._group = -(-group_width // len(devices)) * len(devices)
@@ -156,6 +157,7 @@ class GroupedRunner:
         self._args = jax.device_put((trials.base_key, trials.params, trials.inputs),
                                     NamedSharding(self._mesh, PartitionSpec()))
         self._views = _views(trials.apply_fn, trials.plans, trials.params, trials.inputs)
+        self._sparse = sparse and all(v.plan.kind == "params" for v in self._views)
         self._programs: dict[Key, tuple[Any, Any]] = {}
         began = time.perf_counter()
         self._hits = jax.jit(self._hit_fn())
@@ -205,7 +207,7 @@ class GroupedRunner:
             # Restricting activation or input sites changes where XLA fuses,
             # so these groups fall back to the campaign's own trial.
             return (lambda base_key, i, params, inputs, _: self._trials.fn(base_key, i, params, inputs)), ()
-        if not params_only:
+        if not self._sparse:
             program = RowProgram(apply_fn, self._trials.params, self._trials.inputs, plans,
                                  [v.pop for v in self._views], only)
             golden = program.golden(*self._args[1:])
@@ -213,8 +215,8 @@ class GroupedRunner:
                 jax.random.fold_in(base_key, i), params, golden)), golden
         leaf = {site.name: n for n, site in enumerate(param_sites(self._trials.params))}
         faulted = sorted({leaf[v.pop.sites[s].name] for v, o in zip(self._views, only) for s in o})
-        cap = sum(v.pop.cap for v in self._views) if self._sparse else 0
-        cut = prefix_lib.split(apply_fn, self._trials.params, self._trials.inputs, faulted, cap)
+        cut = prefix_lib.split(apply_fn, self._trials.params, self._trials.inputs, faulted,
+                               sum(v.pop.cap for v in self._views))
         residuals = jax.jit(cut.prefix)(*self._args[1:])
 
         def trial(base_key, i, params, inputs, residuals):
@@ -228,13 +230,21 @@ class GroupedRunner:
     def _compiled(self, key: Key, split: bool) -> tuple[Any, Any]:
         trial, extra = self._trial(key, split)
 
-        def local(base_key, indices, params, inputs, extra):
-            return lax.map(lambda i: trial(base_key, i, params, inputs, extra), indices)
+        def local(base_key, indices, count, params, inputs, extra):
+            # A loop over the first ``count`` slots only: a group's last call
+            # (or a group of one) costs its own trials, not the program width.
+            def one(j, out):
+                result = trial(base_key, indices[j], params, inputs, extra)
+                return jax.tree.map(lambda o, r: lax.dynamic_update_index_in_dim(o, r, j, 0), out, result)
+
+            shapes = jax.eval_shape(lambda i: trial(base_key, i, params, inputs, extra), indices[0])
+            empty = jax.tree.map(lambda s: jnp.zeros(indices.shape + s.shape, s.dtype), shapes)
+            return lax.fori_loop(0, count[0], one, empty)
 
         program = jax.jit(jax.shard_map(
             local, mesh=self._mesh, out_specs=PartitionSpec(TRIAL_AXIS), check_vma=False,
-            in_specs=(PartitionSpec(), PartitionSpec(TRIAL_AXIS), PartitionSpec(), PartitionSpec(),
-                      PartitionSpec())))
+            in_specs=(PartitionSpec(), PartitionSpec(TRIAL_AXIS), PartitionSpec(TRIAL_AXIS), PartitionSpec(),
+                      PartitionSpec(), PartitionSpec())))
         return program, extra
 
     def _program(self, key: Key, indices: np.ndarray) -> tuple[Any, Any] | None:
@@ -245,9 +255,8 @@ class GroupedRunner:
         None: the group's trials then run one by one as the unbatched trial."""
         if key not in self._programs:
             began = time.perf_counter()
-            probe = np.resize(indices[:_PROBES], self._group).astype(np.int32)
-            replays = {int(i): self._trials.replay(int(i)) for i in indices[:_PROBES]}
-            expected = jax.tree.map(lambda *xs: np.stack(xs), *[replays[int(i)] for i in probe])
+            probe = indices[:_PROBES]
+            expected = jax.tree.map(lambda *xs: np.stack(xs), *[self._trials.replay(int(i)) for i in probe])
             self._programs[key] = None
             for split in (True, False):
                 compiled = self._compiled(key, split)
@@ -259,22 +268,24 @@ class GroupedRunner:
         return self._programs[key]
 
     def _call(self, compiled: tuple[Any, Any], indices: np.ndarray) -> Any:
+        """Trials ``indices`` (at most the group width) through a group program."""
         program, extra = compiled
+        per_device = self._group // len(self._mesh.devices)
+        counts = np.clip(len(indices) - per_device * np.arange(len(self._mesh.devices)), 0, per_device)
+        padded = np.resize(indices, self._group).astype(np.int32)
         split = NamedSharding(self._mesh, PartitionSpec(TRIAL_AXIS))
         base, params, inputs = self._args
-        return jax.device_get(program(base, jax.device_put(indices, split), params, inputs, extra))
+        out = program(base, jax.device_put(padded, split), jax.device_put(counts.astype(np.int32), split),
+                      params, inputs, extra)
+        return jax.tree.map(lambda a: np.asarray(a)[:len(indices)], jax.device_get(out))
 
     def _run_group(self, key: Key, indices: np.ndarray) -> Any:
-        # One program width per group keeps compilation to one program per
-        # layer; padding repeats the last trial and its results are dropped.
-        padded = np.resize(indices, len(indices) + (-len(indices) % self._group)).astype(np.int32)
-        padded[len(indices):] = indices[-1]
         compiled = self._program(key, indices)
         if compiled is None:
             outs = [jax.tree.map(lambda a: a[None], self._trials.replay(int(i))) for i in indices]
         else:
-            outs = [self._call(compiled, padded[i:i + self._group]) for i in range(0, len(padded), self._group)]
-        return jax.tree.map(lambda *xs: np.concatenate(xs)[:len(indices)], *outs)
+            outs = [self._call(compiled, indices[i:i + self._group]) for i in range(0, len(indices), self._group)]
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
     def _grouped(self, indices: np.ndarray) -> dict[Key, list[int]]:
         groups: dict[Key, list[int]] = defaultdict(list)

@@ -55,8 +55,6 @@ _ELEMENTWISE = frozenset({
 _REDUCTIONS = frozenset({"reduce_max", "reduce_min", "reduce_and", "reduce_or", "reduce_xor",
                          "argmax", "argmin"})
 _WINDOWS = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
-# Operations whose results XLA always writes to memory (library calls).
-_MATERIALISED = frozenset({"conv_general_dilated", "dot_general"})
 # Params that spell the batch size of an operation's output.
 _SHAPE_PARAMS = {"reshape": "new_sizes", "broadcast_in_dim": "shape", "slice": "limit_indices"}
 
@@ -240,14 +238,13 @@ class RowProgram:
         input_ids = {s.name: flat.inputs[n_params + n] for n, s in enumerate(input_sites((params, inputs)))}
         leaf_ids = {s.name: flat.inputs[n] for n, s in enumerate(param_sites(params))}
         self._hooks: dict[int, list[_Hook]] = {}
-        # Every activation site of the plans, faulted in this program or not.
+        # Every site of the plans, faulted in this program or not.
         self._sites: dict[int, list[_Hook]] = {}
         faulted: set[int] = set()
         for i, (plan, pop) in enumerate(zip(plans, pops)):
             ids = {"params": leaf_ids, "inputs": input_ids, "activations": program.ids}[plan.kind]
             for s, site in enumerate(pop.sites):
-                if plan.kind == "activations":
-                    self._sites.setdefault(ids[site.name], []).append(_Hook(i, s))
+                self._sites.setdefault(ids[site.name], []).append(_Hook(i, s))
                 if s not in only[i]:
                     continue
                 if plan.kind == "params":
@@ -298,7 +295,8 @@ class RowProgram:
         a ReLU) into their consumers and may round differently than when it
         reads them from memory; so a trial recomputes every golden value it
         reads back to values XLA always materialises: convolution and matmul
-        results, sites (which carry fault-writing operations), inputs.
+        results (see ``_materialised``), sites (which carry fault-writing
+        operations), inputs.
         """
         flat = self._flat
         producer = {o: n for n, op in enumerate(flat.ops) for o in op.outs if o is not None}
@@ -306,7 +304,7 @@ class RowProgram:
         work = list(reads)
         while work:
             n = producer.get(work.pop())
-            if (n is None or n in again or hows[n] is not None or flat.ops[n].eqn.primitive.name in _MATERIALISED
+            if (n is None or n in again or hows[n] is not None or _materialised(flat.ops[n].eqn)
                     or self._sites.keys() & set(flat.ops[n].outs) or self._hooks.keys() & set(flat.ops[n].outs)):
                 continue
             again.add(n)
@@ -320,7 +318,7 @@ class RowProgram:
         operations before them into their loops in the unsliced trial, and may
         then round differently (seen with a ResNet's pooling after BatchNorm).
         So those operations run on the whole batch too, back to the nearest
-        values XLA always materialises: convolutions, faulted values, inputs.
+        values XLA always materialises (``_materialised``), faulted values, inputs.
         """
         ops = self._flat.ops
         need = {x for op, how in zip(ops, hows) if how == "full" for x in op.ins
@@ -328,7 +326,7 @@ class RowProgram:
         need |= {x for x in self._flat.outputs if isinstance(x, int) and mode.get(x) == "rows"}
         doubled: set[int] = set()
         for op, how in zip(reversed(ops), reversed(hows)):
-            if (how == "rows" and need.intersection(op.outs) and op.eqn.primitive.name not in _MATERIALISED
+            if (how == "rows" and need.intersection(op.outs) and not _materialised(op.eqn)
                     and not self._hooks.keys() & set(op.outs)):
                 doubled.update(o for o in op.outs if o is not None)
                 need.update(x for x in op.ins if isinstance(x, int) and mode.get(x) == "rows")
@@ -357,11 +355,13 @@ class RowProgram:
     def _golden(self, params: Any, inputs: Any, key: jax.Array, blanks: Sequence[Faults]) -> list[Any]:
         env = dict(self._flat.consts)
         env.update(zip(self._flat.inputs, param_leaves(params) + jax.tree.leaves(inputs)))
+        blank = lambda ids: env.update(
+            (i, apply_site(key, env[i], hook.site, blanks[hook.plan], self._pops[hook.plan])[0])
+            for i in ids for hook in self._sites.get(i, ()))
+        blank(self._flat.inputs)
         for op in self._flat.ops:
             _bind(op, [_value(env, x) for x in op.ins], op.eqn.params, env)
-            for o in op.outs:
-                for hook in self._sites.get(o, ()):
-                    env[o] = apply_site(key, env[o], hook.site, blanks[hook.plan], self._pops[hook.plan])[0]
+            blank(op.outs)
         return [env[i] for i in self._golden_ids]
 
     def trial(self, key: jax.Array, params: Any, golden: Sequence[Any]) -> tuple[Any, tuple[Any, ...]]:
@@ -436,6 +436,19 @@ def _how(op: _Op, sliced: tuple[bool, ...] | None, mode: dict[int, str]) -> str 
         return None
     rowwise = sliced is not None and all(mode[x] == "rows" and s for x, s in own)
     return "rows" if rowwise else "full"
+
+
+def _materialised(eqn: jex.JaxprEqn) -> bool:
+    """Whether XLA always writes this operation's result to memory: matmuls
+    and convolutions are library calls, except 1x1 convolutions, which XLA
+    rewrites as matmuls it may fuse with the operations around them."""
+    if eqn.primitive.name == "dot_general":
+        return True
+    if eqn.primitive.name != "conv_general_dilated":
+        return False
+    spec = eqn.params["dimension_numbers"].rhs_spec
+    kernel = _shape(eqn.invars[1])
+    return any(kernel[d] != 1 for d in spec[2:])
 
 
 def _rows_recipe(op: _Op, sliced: tuple[bool, ...], mode: dict[int, str]) -> _Recipe:
