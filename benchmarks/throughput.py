@@ -8,7 +8,8 @@ other peers run), every executor, and what "auto" picks; the golden forward
 rate; and each rate's ratio to the loop. Steady state: programs are compiled
 before timing (compile seconds are listed apart); every executor's trials are
 checked bit for bit against the loop's. For single-bit weight faults it also
-compares the sparse dense-layer path with exact recomputation, trial by trial.
+compares the paths that are not bitwise (the sparse dense-layer path, split
+programs used without probing) with exact recomputation, trial by trial.
 Models are trained on MNIST-5k first (cached in --workdir).
 
     python benchmarks/throughput.py [--models lenet5,resnet8] [--trials 1024]
@@ -75,19 +76,22 @@ def _case(trials: ex.Trials, args, golden: float) -> None:
     print(f"  auto picks {chosen.name!r} (probe rate {best:.1f} trials/s on a {args.chunk}-trial chunk)")
 
 
-def _sparse_agreement(trials: ex.Trials, apply_fn, params, images, labels, args) -> None:
-    """Outcomes of the sparse dense-layer path against exact recomputation, trial by trial."""
+def _agreement(trials: ex.Trials, apply_fn, params, images, labels, args) -> None:
+    """Outcomes of the paths that are not bitwise (sparse dense layers; split
+    programs used without probing) against exact recomputation, trial by trial."""
     devices = jax.local_devices()
     golden = outcomes.golden(jax.jit(apply_fn)(params, images), labels)
     sdc = {}
-    for sparse in (False, True):
-        runner = ex.GroupedExecutor(sparse=sparse).build(trials, args.trials, devices)
+    for executor in (ex.GroupedExecutor(), ex.GroupedExecutor(sparse=True), ex.GroupedExecutor(bitwise=False)):
+        runner = executor.build(trials, args.trials, devices)
         rate, out = _timed(runner, args.trials, args.trials)
-        sdc[sparse] = outcomes.classification(golden, np.asarray(out[0]))["sdc"]
-        lo, hi = jaxfi.wilson(int(sdc[sparse].sum()), len(sdc[sparse]))
-        print(f"  {runner.name:<26}{rate:9.1f} trials/s  SDC rate {sdc[sparse].mean():.4f} [{lo:.4f}, {hi:.4f}]")
-    agree = float((sdc[False] == sdc[True]).mean())
-    print(f"  sparse vs exact: same SDC verdict in {agree:.2%} of {len(sdc[True])} trials")
+        sdc[runner.name] = outcomes.classification(golden, np.asarray(out[0]))["sdc"]
+        lo, hi = jaxfi.wilson(int(sdc[runner.name].sum()), len(sdc[runner.name]))
+        print(f"  {runner.name:<34}{rate:9.1f} trials/s  SDC rate {sdc[runner.name].mean():.4f} [{lo:.4f}, {hi:.4f}]")
+    exact, *fast = sdc
+    for name in fast:
+        agree = float((sdc[name] == sdc[exact]).mean())
+        print(f"  {name} vs exact: same SDC verdict in {agree:.2%} of {len(sdc[name])} trials")
 
 
 def main() -> None:
@@ -111,7 +115,7 @@ def main() -> None:
                                params, images, apply_fn, (plan,))
             _case(trials, args, golden)
             if case == "weights, 1 bit flip":
-                _sparse_agreement(trials, apply_fn, params, images, test.labels, args)
+                _agreement(trials, apply_fn, params, images, test.labels, args)
 
 
 if __name__ == "__main__":

@@ -224,6 +224,19 @@ def test_grouped_runs_single_trials_where_no_program_matches(monkeypatch):
     assert ex.same_bits(out, expected)
 
 
+def test_grouped_without_probes_uses_every_split_program(monkeypatch):
+    from jaxfi._src import grouped
+    trials = make_trials()
+    expected = jax.tree.map(lambda *xs: np.stack(xs), *[trials.replay(i) for i in range(12)])
+    monkeypatch.setattr(grouped, "same_bits", lambda a, b: False)
+    runner = ex.GroupedExecutor(4, bitwise=False).build(trials, 12, jax.local_devices())
+    out = runner(0, 12)
+    assert runner.name == "grouped(width=4, bitwise=False)"
+    assert runner._programs and all(p is not None for p in runner._programs.values())
+    monkeypatch.undo()
+    assert ex.same_bits(out, expected)  # this small model's split programs happen to be exact
+
+
 def test_grouped_and_only_bad_inputs():
     base = make_trials()
     with pytest.raises(ValueError, match="group_width must be a positive int"):

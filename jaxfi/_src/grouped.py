@@ -145,11 +145,11 @@ def _views(apply_fn, plans: Sequence[Plan], params: Any, inputs: Any) -> list[_P
 class GroupedRunner:
     """Computes trials grouped by the earliest site they hit (see module doc)."""
 
-    def __init__(self, trials: Any, chunk_size: int, devices: Sequence[jax.Device], group_width: int,
-                 sparse: bool = False):
+    def __init__(self, trials: Any, chunk_size: int, devices: Sequence[jax.Device], executor: GroupedExecutor):
         if trials.apply_fn is None or trials.plans is None:
             raise ValueError("the grouped executor needs a campaign's apply_fn and plans")
-        self.name = f"grouped(width={group_width}{', sparse' if sparse else ''})"
+        self.name = executor.name
+        group_width, sparse = executor.group_width, executor.sparse
         self.width = chunk_size
         self._trials = trials
         self._group = -(-group_width // len(devices)) * len(devices)
@@ -158,6 +158,7 @@ class GroupedRunner:
                                     NamedSharding(self._mesh, PartitionSpec()))
         self._views = _views(trials.apply_fn, trials.plans, trials.params, trials.inputs)
         self._sparse = sparse and all(v.plan.kind == "params" for v in self._views)
+        self._probed = executor.bitwise and not self._sparse
         self._programs: dict[Key, tuple[Any, Any]] = {}
         began = time.perf_counter()
         self._hits = jax.jit(self._hit_fn())
@@ -248,24 +249,26 @@ class GroupedRunner:
         return program, extra
 
     def _program(self, key: Key, indices: np.ndarray) -> tuple[Any, Any] | None:
-        """The group's program: the split one if the group's first trials
-        match the unbatched trial bit for bit (XLA may round a separately
-        compiled part differently, e.g. around BatchNorm, or compute one row
-        differently from a batch), else the unsplit one if they match, else
-        None: the group's trials then run one by one as the unbatched trial."""
+        """The group's program (compiled on first use; probed unless told not to)."""
         if key not in self._programs:
             began = time.perf_counter()
-            probe = indices[:_PROBES]
-            expected = jax.tree.map(lambda *xs: np.stack(xs), *[self._trials.replay(int(i)) for i in probe])
-            self._programs[key] = None
-            for split in (True, False):
-                compiled = self._compiled(key, split)
-                # The sparse path is knowingly not bitwise, so it is not probed.
-                if (split and self._sparse) or same_bits(self._call(compiled, probe), expected):
-                    self._programs[key] = compiled
-                    break
+            self._programs[key] = (self._probed_program(key, indices[:_PROBES]) if self._probed
+                                   else self._compiled(key, split=True))
             self.compile_seconds += time.perf_counter() - began
         return self._programs[key]
+
+    def _probed_program(self, key: Key, probe: np.ndarray) -> tuple[Any, Any] | None:
+        """The split program if trials ``probe`` match the unbatched trial bit
+        for bit (XLA may round a separately compiled part differently, e.g.
+        around BatchNorm, or compute one row differently from a batch), else
+        the unsplit one if they match, else None: the group's trials then run
+        one by one as the unbatched trial."""
+        expected = jax.tree.map(lambda *xs: np.stack(xs), *[self._trials.replay(int(i)) for i in probe])
+        for split in (True, False):
+            compiled = self._compiled(key, split)
+            if same_bits(self._call(compiled, probe), expected):
+                return compiled
+        return None
 
     def _call(self, compiled: tuple[Any, Any], indices: np.ndarray) -> Any:
         """Trials ``indices`` (at most the group width) through a group program."""
@@ -309,14 +312,18 @@ class GroupedRunner:
 class GroupedExecutor:
     """Prefix sharing: trials grouped by earliest hit site, ``group_width`` per call.
 
-    ``sparse=True`` evaluates a faulted dense layer as the golden product plus
-    the changed weights' terms (params plans only): faster, not bitwise equal
-    to recomputation, so a campaign must run it with ``verify=False``;
-    ``benchmarks/throughput.py`` measures how often its outcomes differ.
+    ``bitwise=False`` uses every split program without probing it, where
+    XLA may round it differently from the unbatched trial (on CPU: models
+    with BatchNorm and pooling); ``sparse=True`` evaluates a faulted dense
+    layer as the golden product plus the changed weights' terms (params plans
+    only), which is never bitwise equal to recomputation. Either needs a
+    campaign run with ``verify=False``; ``benchmarks/throughput.py`` measures
+    how often their outcomes differ from exact recomputation.
     """
 
     group_width: int = 16
     sparse: bool = False
+    bitwise: bool = True
 
     def __post_init__(self):
         if not isinstance(self.group_width, int) or self.group_width < 1:
@@ -324,8 +331,9 @@ class GroupedExecutor:
 
     @property
     def name(self) -> str:
-        return f"grouped(width={self.group_width}{', sparse' if self.sparse else ''})"
+        extra = (", sparse" if self.sparse else "") + ("" if self.bitwise else ", bitwise=False")
+        return f"grouped(width={self.group_width}{extra})"
 
     def build(self, trials: Any, chunk_size: int, devices: Sequence[jax.Device]) -> GroupedRunner:
         """Prepare the fault sampler and compile the first chunk's group programs."""
-        return GroupedRunner(trials, chunk_size, devices, self.group_width, self.sparse)
+        return GroupedRunner(trials, chunk_size, devices, self)
