@@ -29,7 +29,6 @@ Writes to --workdir:
 
 from __future__ import annotations
 
-import sys
 import time
 
 import pandas as pd
@@ -60,17 +59,11 @@ def main(argv: list[str]) -> None:
         jobs = [_job(study.cast(s, dtype)) for s in subjects]
         done += _COMMON.sweep(jobs, workdir / "campaigns" / _NAME, _TRIALS_PER_BIT.value * width)
     table = pd.concat([_rows(d) for d in done], ignore_index=True)
-    table.to_csv(workdir / f"{_NAME}.csv", index=False)
-    study.plot_bits(table, workdir / f"{_NAME}.png",
-                    f"Single-bit weight flips by bit position: about {_TRIALS_PER_BIT.value} trials per "
-                    f"bit x {_COMMON.eval_size.value} test images (mnist5k)")
-    wall = time.perf_counter() - began
-    study.write_json(workdir / f"{_NAME}.json", {
-        "study": _NAME, "command": sys.argv, "flags": _flag_values(),
-        "models": {s.label: s.info for s in subjects}, "points": study.timings(done),
-        "wall_seconds": round(wall, 1)})
-    _print(table)
-    print(f"wrote {workdir}/{_NAME}.{{csv,json,png}} in {wall:.0f}s")
+    title = (f"Single-bit weight flips by bit position: about {_TRIALS_PER_BIT.value} trials per "
+             f"bit x {_COMMON.eval_size.value} test images (mnist5k)")
+    study.write_report(workdir / _NAME, table, name=_NAME, plot=study.plot_bits, title=title,
+                       flag_values=_flag_values(), subjects=subjects, done=done, began=began,
+                       show=_print)
 
 
 def _job(subject: study.Subject) -> study.Job:

@@ -33,7 +33,6 @@ Writes to --workdir:
 from __future__ import annotations
 
 import re
-import sys
 import time
 
 import pandas as pd
@@ -57,17 +56,11 @@ def main(argv: list[str]) -> None:
     jobs = [job for s in subjects for job in _jobs(s)]
     done = _COMMON.sweep(jobs, workdir / "campaigns" / _NAME, _TRIALS.value)
     table = pd.DataFrame([_row(d) for d in done])
-    table.to_csv(workdir / f"{_NAME}.csv", index=False)
-    study.plot_layers(table, workdir / f"{_NAME}.png",
-                      f"Single-bit weight flips by layer: {_TRIALS.value} trials per leaf x "
-                      f"{_COMMON.eval_size.value} test images (mnist5k)")
-    wall = time.perf_counter() - began
-    study.write_json(workdir / f"{_NAME}.json", {
-        "study": _NAME, "command": sys.argv, "flags": _flag_values(),
-        "models": {s.label: s.info for s in subjects}, "points": study.timings(done),
-        "wall_seconds": round(wall, 1)})
-    _print(table)
-    print(f"wrote {workdir}/{_NAME}.{{csv,json,png}} in {wall:.0f}s")
+    title = (f"Single-bit weight flips by layer: {_TRIALS.value} trials per leaf x "
+             f"{_COMMON.eval_size.value} test images (mnist5k)")
+    study.write_report(workdir / _NAME, table, name=_NAME, plot=study.plot_layers, title=title,
+                       flag_values=_flag_values(), subjects=subjects, done=done, began=began,
+                       show=_print)
 
 
 def _jobs(subject: study.Subject) -> list[study.Job]:

@@ -51,7 +51,6 @@ Writes to --workdir, with STEM = resilience-SITE-MODE:
 
 from __future__ import annotations
 
-import sys
 import time
 
 import pandas as pd
@@ -86,16 +85,9 @@ def main(argv: list[str]) -> None:
             for s in subjects for p in points]
     done = _COMMON.sweep(jobs, workdir / "campaigns" / "resilience", _TRIALS.value)
     table = pd.DataFrame([_row(d) for d in done])
-    stem = workdir / f"resilience-{_SITE.value}-{_MODE.value}"
-    table.to_csv(f"{stem}.csv", index=False)
-    study.plot_sweep(table, f"{stem}.png", _title(subjects))
-    wall = time.perf_counter() - began
-    study.write_json(f"{stem}.json", {
-        "study": "resilience", "command": sys.argv, "flags": _flag_values(),
-        "models": {s.label: s.info for s in subjects}, "points": study.timings(done),
-        "wall_seconds": round(wall, 1)})
-    _print(table)
-    print(f"wrote {stem}.{{csv,json,png}} in {wall:.0f}s")
+    study.write_report(workdir / f"resilience-{_SITE.value}-{_MODE.value}", table, name="resilience",
+                       plot=study.plot_sweep, title=_title(subjects), flag_values=_flag_values(),
+                       subjects=subjects, done=done, began=began, show=_print)
 
 
 def _points() -> list[study.Point]:
