@@ -198,3 +198,21 @@ def test_take_and_put_rows_keep_signalling_nans():
     assert np.asarray(taken).view(np.uint16).tolist() == [raw[2].tolist(), raw[0].tolist(), [0, 0]]
     back = put_rows(jnp.zeros_like(values), rows, taken)
     assert np.asarray(back).view(np.uint16).tolist() == [raw[0].tolist(), [0, 0], raw[2].tolist()]
+
+
+def test_sparse_dense_layers_add_the_changed_weights_terms(setup):
+    """A faulted dense weight is applied as a correction to the golden product:
+    no matmul with the faulty weight, and results within float rounding."""
+    params, x = setup
+    plan = jaxfi.Plan(jaxfi.Params("w$"), jaxfi.BitFlip(bits="mantissa"), count=2)
+    pops = [plan.population(tuple(sites_of(convnet, plan, params, x)))]
+    program = RowProgram(convnet, params, x, (plan,), pops, (frozenset({0}),), sparse=True)
+    golden = program.golden(params, x)
+    assert _batches(program, params, golden, "dot_general") == []
+    reference = jax.jit(jaxfi.faulty(convnet, plan))
+    trial = jax.jit(program.trial)
+    for i in range(8):
+        key = jax.random.fold_in(jax.random.key(11), i)
+        (out, records), (expected, expected_records) = trial(key, params, golden), reference(key, params, x)
+        assert ex.same_bits(records, expected_records)
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)  # a few float32 ulps of the logits

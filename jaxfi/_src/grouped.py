@@ -35,7 +35,6 @@ from jax import lax
 from jax.extend import core as jex
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxfi._src import prefix as prefix_lib
 from jaxfi._src.calls import sub_jaxprs
 from jaxfi._src.inject import plan_faults
 from jaxfi._src.plan import Plan, Population
@@ -157,8 +156,8 @@ class GroupedRunner:
         self._args = jax.device_put((trials.base_key, trials.params, trials.inputs),
                                     NamedSharding(self._mesh, PartitionSpec()))
         self._views = _views(trials.apply_fn, trials.plans, trials.params, trials.inputs)
-        self._sparse = sparse and all(v.plan.kind == "params" for v in self._views)
-        self._probed = executor.bitwise and not self._sparse
+        self._sparse = sparse
+        self._probed = executor.bitwise and not sparse
         self._programs: dict[Key, tuple[Any, Any]] = {}
         began = time.perf_counter()
         self._hits = jax.jit(self._hit_fn())
@@ -208,25 +207,11 @@ class GroupedRunner:
             # Restricting activation or input sites changes where XLA fuses,
             # so these groups fall back to the campaign's own trial.
             return (lambda base_key, i, params, inputs, _: self._trials.fn(base_key, i, params, inputs)), ()
-        if not self._sparse:
-            program = RowProgram(apply_fn, self._trials.params, self._trials.inputs, plans,
-                                 [v.pop for v in self._views], only)
-            golden = program.golden(*self._args[1:])
-            return (lambda base_key, i, params, inputs, golden: program.trial(
-                jax.random.fold_in(base_key, i), params, golden)), golden
-        leaf = {site.name: n for n, site in enumerate(param_sites(self._trials.params))}
-        faulted = sorted({leaf[v.pop.sites[s].name] for v, o in zip(self._views, only) for s in o})
-        cut = prefix_lib.split(apply_fn, self._trials.params, self._trials.inputs, faulted,
-                               sum(v.pop.cap for v in self._views))
-        residuals = jax.jit(cut.prefix)(*self._args[1:])
-
-        def trial(base_key, i, params, inputs, residuals):
-            def rest(p, x):
-                leaves = jax.tree.leaves(p)
-                return cut.suffix(residuals, [leaves[n] for n in cut.faulted])
-            return faulty(rest, *plans, only=only)(jax.random.fold_in(base_key, i), params, inputs)
-
-        return trial, residuals
+        program = RowProgram(apply_fn, self._trials.params, self._trials.inputs, plans,
+                             [v.pop for v in self._views], only, sparse=self._sparse)
+        golden = program.golden(*self._args[1:])
+        return (lambda base_key, i, params, inputs, golden: program.trial(
+            jax.random.fold_in(base_key, i), params, golden)), golden
 
     def _compiled(self, key: Key, split: bool) -> tuple[Any, Any]:
         trial, extra = self._trial(key, split)

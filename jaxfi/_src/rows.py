@@ -228,8 +228,10 @@ class RowProgram:
     """
 
     def __init__(self, fn: Callable[[Any, Any], Any], params: Any, inputs: Any,
-                 plans: Sequence[Plan], pops: Sequence[Population], only: Sequence[frozenset[int]]):
+                 plans: Sequence[Plan], pops: Sequence[Population], only: Sequence[frozenset[int]],
+                 sparse: bool = False):
         program, arrays = activations._trace(fn, (params, inputs))
+        self._sparse_cap = sum(pop.cap for plan, pop in zip(plans, pops) if plan.kind == "params") if sparse else 0
         self._flat = flat = _Flat(program)
         self._out_tree = program.out_tree
         self._plans, self._pops, self._only = tuple(plans), tuple(pops), tuple(only)
@@ -270,6 +272,8 @@ class RowProgram:
             self._hooked_mode(op.outs, batched, mode)
         self._mode = mode
         doubled = self._doubled(hows, mode)
+        self._sparse = {n for n, (op, how) in enumerate(zip(flat.ops, hows))
+                        if self._sparse_cap and how == "full" and _is_dense(op, faulted, mode)}
         self._steps = [(op, _rows_recipe(op, sliced, mode) if how == "rows" else None,
                         _full_recipe(op, mode, doubled) if how == "full" or bool(doubled.intersection(op.outs)) else None,
                         how) for op, how, sliced in zip(flat.ops, hows, slices)]
@@ -279,6 +283,7 @@ class RowProgram:
         self.rows = sum(self._pops[p].cap for p in self._row_sites)
         reads = {x for op, rows, full, _ in self._steps for recipe in (rows, full) if recipe
                  for x, r in zip(op.ins, recipe) if r in ("golden", "take", "splice")}
+        reads |= {i for n in self._sparse for i in (flat.ops[n].ins[0], flat.ops[n].outs[0])}
         reads |= {x for x in flat.outputs if isinstance(x, int) and mode.get(x) == "rows" and x not in doubled}
         reads |= {x for x in flat.outputs if isinstance(x, int) and x not in mode}
         computed = {o for op, rows, full, _ in self._steps if rows or full for o in op.outs}
@@ -370,6 +375,7 @@ class RowProgram:
         gold = dict(flat.consts) | dict(zip(self._golden_ids, golden))
         records: list[Any] = [None] * len(self._plans)
         draws: dict[int, tuple[jax.Array, Faults]] = {}
+        unfaulted = dict(zip(flat.inputs, param_leaves(params)))
         for i, (plan, pop) in enumerate(zip(self._plans, self._pops)):
             k = jax.random.fold_in(key, i)
             if plan.kind == "params":
@@ -385,6 +391,10 @@ class RowProgram:
         for n, (op, rows_recipe, full_recipe, how) in enumerate(self._steps):
             if n in self._again:
                 _bind(op, [_value(gold, x) for x in op.ins], op.eqn.params, gold)
+            if n in self._sparse:
+                (x, w), out = op.ins, op.outs[0]
+                own[out] = _sparse_dot(gold[out], gold[x], unfaulted[w], own[w], self._sparse_cap)
+                full_recipe = None
             if rows_recipe:
                 args = [_operand(x, r, own, gold, rows) for x, r in zip(op.ins, rows_recipe)]
                 _bind(op, args, _row_params(op.eqn, self.rows), own)
@@ -449,6 +459,27 @@ def _materialised(eqn: jex.JaxprEqn) -> bool:
     spec = eqn.params["dimension_numbers"].rhs_spec
     kernel = _shape(eqn.invars[1])
     return any(kernel[d] != 1 for d in spec[2:])
+
+
+def _is_dense(op: _Op, faulted: set[int], mode: dict[int, str]) -> bool:
+    """A golden ``x @ W`` with W a faulted 2-D params leaf."""
+    if op.eqn.primitive.name != "dot_general" or len(op.ins) != 2:
+        return False
+    x, w = op.ins
+    contract, batch = op.eqn.params["dimension_numbers"]
+    return (w in faulted and len(_shape(op.eqn.invars[1])) == 2 and isinstance(x, int) and x not in mode
+            and contract == ((len(_shape(op.eqn.invars[0])) - 1,), (0,)) and batch == ((), ()))
+
+
+def _sparse_dot(golden: jax.Array, x: jax.Array, w_golden: jax.Array, w_faulty: jax.Array, cap: int) -> jax.Array:
+    """``x @ w_faulty`` as ``golden`` plus the terms of the (at most ``cap``)
+    changed weights: far less work, not bitwise equal (rounded differently)."""
+    changed = (bits_lib.to_bits(w_faulty) != bits_lib.to_bits(w_golden)).reshape(-1)
+    index = jnp.nonzero(changed, size=cap, fill_value=0)[0]
+    delta = jnp.where(changed[index], w_faulty.reshape(-1)[index] - w_golden.reshape(-1)[index], 0)
+    rows, cols = jnp.divmod(index, w_golden.shape[1])
+    terms = x[..., rows] * delta.astype(x.dtype)
+    return golden.at[..., cols].add(terms.astype(golden.dtype))
 
 
 def _rows_recipe(op: _Op, sliced: tuple[bool, ...], mode: dict[int, str]) -> _Recipe:
