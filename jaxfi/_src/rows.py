@@ -15,6 +15,9 @@ then, from the first other operation on, on the whole batch with those rows
 written into the golden values. A convolutional trunk hit by one fault thus
 costs one example instead of the batch. Which rows are computed is drawn
 with the trial's faults; their number is static (the plans' fault caps).
+Weight faults reach every row: from the first operation reading a faulted
+leaf on, the trial runs on the whole batch (``sparse`` evaluates a faulted
+dense layer as the golden product plus the changed weights' terms instead).
 
 Records equal ``faulty``'s: the same faults are drawn from the same keys and
 indexed in the whole arrays. Whether the values equal the unsliced trial bit
@@ -402,7 +405,7 @@ class RowProgram:
                 args = [_operand(x, r, own | own_full, gold, rows) for x, r in zip(op.ins, full_recipe)]
                 _bind(op, args, op.eqn.params, own if how == "full" else own_full)
             self._fault(op.outs, own, gold, rows, draws, parts)
-        for i, (k_apply, faults) in draws.items():
+        for i, (_, faults) in draws.items():
             records[i] = assemble_record(faults, self._pops[i], parts[i])
         outs = [_operand(x, _output_recipe(x, self._mode, self._doubled_ids), own | own_full, gold, rows)
                 for x in flat.outputs]
