@@ -189,6 +189,11 @@ def _batched(flat: _Flat, arrays: Sequence[Any], n_params: int, batch: int) -> s
     return batched
 
 
+def _batch_size(inputs: Sequence[Any]) -> int:
+    """The leading axis of the first input array (0 if there is none: no row slicing)."""
+    return int(np.shape(inputs[0])[0]) if inputs and np.ndim(inputs[0]) else 0
+
+
 def row_sites(fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> frozenset[str]:
     """Names of the input and activation sites of ``fn(params, inputs)`` whose
     faults keep row slicing: values with a batch axis (the leading axis of
@@ -198,7 +203,7 @@ def row_sites(fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> frozen
     program, arrays = activations._trace(fn, (params, inputs))
     flat = _Flat(program)
     n_params = len(param_sites(params))
-    batched = _batched(flat, arrays, n_params, int(np.shape(arrays[n_params])[0]))
+    batched = _batched(flat, arrays, n_params, _batch_size(arrays[n_params:]))
     last = max((n for n, op in enumerate(flat.ops) if batched.intersection(op.outs)), default=-1)
     keep = batched | {o for op in flat.ops[last + 1:] for o in op.outs}
     names = {flat.inputs[n_params + n]: s.name for n, s in enumerate(input_sites((params, inputs)))}
@@ -239,7 +244,7 @@ class RowProgram:
         self._out_tree = program.out_tree
         self._plans, self._pops, self._only = tuple(plans), tuple(pops), tuple(only)
         n_params = len(param_sites(params))
-        self.batch = int(np.shape(arrays[n_params])[0])
+        self.batch = _batch_size(arrays[n_params:])
         input_ids = {s.name: flat.inputs[n_params + n] for n, s in enumerate(input_sites((params, inputs)))}
         leaf_ids = {s.name: flat.inputs[n] for n, s in enumerate(param_sites(params))}
         self._hooks: dict[int, list[_Hook]] = {}
@@ -275,7 +280,7 @@ class RowProgram:
             self._hooked_mode(op.outs, batched, mode)
         self._mode = mode
         doubled = self._doubled(hows, mode)
-        self._sparse = {n for n, (op, how) in enumerate(zip(flat.ops, hows))
+        self._sparse_ops = {n for n, (op, how) in enumerate(zip(flat.ops, hows))
                         if self._sparse_cap and how == "full" and _is_dense(op, faulted, mode)}
         self._steps = [(op, _rows_recipe(op, sliced, mode) if how == "rows" else None,
                         _full_recipe(op, mode, doubled) if how == "full" or bool(doubled.intersection(op.outs)) else None,
@@ -286,7 +291,7 @@ class RowProgram:
         self.rows = sum(self._pops[p].cap for p in self._row_sites)
         reads = {x for op, rows, full, _ in self._steps for recipe in (rows, full) if recipe
                  for x, r in zip(op.ins, recipe) if r in ("golden", "take", "splice")}
-        reads |= {i for n in self._sparse for i in (flat.ops[n].ins[0], flat.ops[n].outs[0])}
+        reads |= {i for n in self._sparse_ops for i in (flat.ops[n].ins[0], flat.ops[n].outs[0])}
         reads |= {x for x in flat.outputs if isinstance(x, int) and mode.get(x) == "rows" and x not in doubled}
         reads |= {x for x in flat.outputs if isinstance(x, int) and x not in mode}
         computed = {o for op, rows, full, _ in self._steps if rows or full for o in op.outs}
@@ -313,7 +318,7 @@ class RowProgram:
         while work:
             n = producer.get(work.pop())
             if (n is None or n in again or hows[n] is not None or _materialised(flat.ops[n].eqn)
-                    or self._sites.keys() & set(flat.ops[n].outs) or self._hooks.keys() & set(flat.ops[n].outs)):
+                    or self._sites.keys() & set(flat.ops[n].outs)):
                 continue
             again.add(n)
             work.extend(x for x in flat.ops[n].ins if isinstance(x, int))
@@ -394,7 +399,7 @@ class RowProgram:
         for n, (op, rows_recipe, full_recipe, how) in enumerate(self._steps):
             if n in self._again:
                 _bind(op, [_value(gold, x) for x in op.ins], op.eqn.params, gold)
-            if n in self._sparse:
+            if n in self._sparse_ops:
                 (x, w), out = op.ins, op.outs[0]
                 own[out] = _sparse_dot(gold[out], gold[x], unfaulted[w], own[w], self._sparse_cap)
                 full_recipe = None
