@@ -20,6 +20,7 @@ from jax import lax
 import jaxfi
 from jaxfi._src import executors as ex
 from jaxfi._src.batching import batch_invariant
+from jaxfi._src.trial import restricted
 
 TRIALS = 70  # not a multiple of 64 or 7: the last chunk is padded
 
@@ -141,7 +142,8 @@ def test_batch_invariant_rewrites_scan_bodies():
 
 def test_batch_invariant_is_the_function_when_unbatched(trials):
     direct = trials.single(trials.base_key, np.int32(3), trials.params, trials.inputs)
-    rewritten = jax.jit(trials.invariant)(trials.base_key, np.int32(3), trials.params, trials.inputs)
+    invariant = batch_invariant(trials.fn, trials.base_key, np.int32(0), trials.params, trials.inputs)
+    rewritten = jax.jit(invariant)(trials.base_key, np.int32(3), trials.params, trials.inputs)
     assert ex.same_bits(jax.device_get(direct), jax.device_get(rewritten))
 
 
@@ -246,4 +248,4 @@ def test_grouped_and_only_bad_inputs():
         ex.GroupedExecutor().build(bare, 4, jax.local_devices())
     plan = jaxfi.Plan(jaxfi.Params(), count=1)
     with pytest.raises(ValueError, match="only needs one entry per plan: 1 plans, 2 entries"):
-        jaxfi.faulty(cnn, plan, only=(frozenset(), frozenset()))
+        restricted(cnn, (plan,), (frozenset(), frozenset()))

@@ -13,7 +13,7 @@ import jaxfi
 from jaxfi._src import executors as ex
 from jaxfi._src.inject import apply_rows, apply_site, sample_faults
 from jaxfi._src.rows import RowProgram, put_rows, row_sites, take_rows
-from jaxfi._src.trial import sites_of
+from jaxfi._src.trial import restricted, sites_of
 
 BATCH = 16
 
@@ -64,7 +64,7 @@ def _program(fn, params, x, plans):
     pops = [p.population(tuple(sites_of(fn, p, params, x))) for p in plans]
     only = [frozenset(s for s, site in enumerate(pop.sites) if p.kind == "params" or site.name in rowed)
             for p, pop in zip(plans, pops)]
-    return RowProgram(fn, params, x, plans, pops, only), jax.jit(jaxfi.faulty(fn, *plans, only=only))
+    return RowProgram(fn, params, x, plans, pops, only), jax.jit(restricted(fn, plans, only))
 
 
 def _batches(program, params, golden, primitive: str = "conv_general_dilated") -> list[int]:

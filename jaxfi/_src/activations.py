@@ -18,10 +18,10 @@ higher-order primitives are listed (``control_flow`` says which) but cannot be
 faulted or captured: selecting one is an error. The outputs of those
 primitives are ordinary sites.
 
-``run_with_faults`` re-evaluates the program equation by equation with
-``primitive.bind`` and corrupts the selected outputs as they are produced;
-with nothing selected it rebinds the same primitives, so it is bitwise equal
-to ``jit(fn)``. Call equations are re-bound whole unless a selected site lies
+``run_with_faults`` re-evaluates the program with ``interpret.evaluate``,
+hooks on the selected values corrupting them as they are produced; with
+nothing selected it rebinds the same primitives, so it is bitwise equal to
+``jit(fn)``. Call equations are re-bound whole unless a selected site lies
 inside them, which keeps custom derivatives and remat where nothing is faulted.
 """
 
@@ -32,19 +32,18 @@ import collections
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from jax.extend import core as jex
 from jax.extend import source_info_util as siu
 
 from jaxfi._src import bits as bits_lib
-from jaxfi._src.calls import INLINE
-from jaxfi._src.inject import Record, SiteFaults, apply_site, assemble_record, sample_faults
+from jaxfi._src import interpret
+from jaxfi._src.inject import Record, SiteFaults, apply_site, assemble_record, plan_keys, sample_faults
 from jaxfi._src.plan import Plan, Population
 from jaxfi._src.sites import Activations, Selector, Site, _listing
 
@@ -68,146 +67,11 @@ class ActivationSite(Site):
     control_flow: str = ""
 
 
-# ----------------------------------------------------------------------------
-# The program: a jaxpr annotated with value ids, built once per trace.
-
-
-@dataclasses.dataclass
-class _Value:
-    name: str
-    scope: str
-    primitive: str
-    aval: Any
-    control_flow: str
-    consumers: set[str] = dataclasses.field(default_factory=set)
-
-
-@dataclasses.dataclass
-class _Graph:
-    jaxpr: jex.Jaxpr
-    consts: Sequence[Any]
-    nodes: list[_Node]
-
-
-@dataclasses.dataclass
-class _Node:
-    """One equation: value ids of its outputs, the walked body of a call, and
-    the range [lo, hi) of value ids created by it (body included)."""
-
-    eqn: jex.JaxprEqn
-    ids: tuple[int | None, ...]
-    body: _Graph | None
-    span: tuple[int, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Where:
-    """Where the builder is: absolute name stack (the scope), name stack
-    relative to the naming root, name prefix, enclosing control flow."""
-
-    stack: siu.NameStack
-    relative: siu.NameStack
-    prefix: str = ""
-    control_flow: str = ""
-
-
-def _inlined(eqn: jex.JaxprEqn) -> tuple[jex.Jaxpr, Sequence[Any]] | None:
-    param = INLINE.get(eqn.primitive)
-    if param is None:
-        return None
-    body = eqn.params[param]
-    if isinstance(body, jex.ClosedJaxpr):
-        return body.jaxpr, body.consts
-    return body, ()
-
-
-def _bodies(eqn: jex.JaxprEqn) -> list[tuple[str, jex.Jaxpr, Sequence[Any]]]:
-    """The jaxprs held in an equation's params, labelled by param name."""
-    found = []
-    for key in sorted(eqn.params):
-        value = eqn.params[key]
-        group = value if isinstance(value, (tuple, list)) else (value,)
-        for i, item in enumerate(group):
-            label = f"{key}{i}" if isinstance(value, (tuple, list)) else key
-            if isinstance(item, jex.ClosedJaxpr):
-                found.append((label, item.jaxpr, item.consts))
-            elif isinstance(item, jex.Jaxpr):
-                found.append((label, item, ()))
-    return found
-
-
-class _Builder:
-    """Walks a jaxpr once, numbering every equation output in program order."""
-
-    def __init__(self):
-        self.values: list[_Value] = []
-        self.counts: collections.Counter = collections.Counter()
-
-    def graph(self, jaxpr: jex.Jaxpr, consts: Sequence[Any], in_ids: Sequence[int | None],
-              where: _Where, exit_scope: str | None) -> tuple[_Graph, list[int | None]]:
-        """Walk ``jaxpr``; ``exit_scope`` (if given) is the scope that consumes its outputs."""
-        env = {v: i for v, i in zip(jaxpr.invars, in_ids)}
-        nodes = [self.node(eqn, env, where) for eqn in jaxpr.eqns]
-        out_ids = [_lookup(env, v) for v in jaxpr.outvars]
-        if exit_scope is not None:
-            self.consume(out_ids, exit_scope)
-        return _Graph(jaxpr, consts, nodes), out_ids
-
-    def consume(self, ids: Sequence[int | None], scope: str) -> None:
-        for i in ids:
-            if i is not None:
-                self.values[i].consumers.add(scope)
-
-    def node(self, eqn: jex.JaxprEqn, env: dict, where: _Where) -> _Node:
-        lo = len(self.values)
-        inner = dataclasses.replace(where, stack=where.stack + eqn.source_info.name_stack,
-                                    relative=where.relative + eqn.source_info.name_stack)
-        in_ids = [_lookup(env, v) for v in eqn.invars]
-        call = _inlined(eqn)
-        if call is not None:
-            body, out_ids = self.graph(*call, in_ids, inner, None)
-            env.update((v, i) for v, i in zip(eqn.outvars, out_ids) if not _dropped(v))
-            return _Node(eqn, (None,) * len(eqn.outvars), body, (lo, len(self.values)))
-        scope = str(inner.stack)
-        self.consume(in_ids, scope)
-        name = self.name(inner, eqn.primitive.name)
-        for label, jaxpr, consts in _bodies(eqn):
-            nested = _Where(inner.stack, siu.new_name_stack(), f"{name}/{label}",
-                            where.control_flow or eqn.primitive.name)
-            self.graph(jaxpr, consts, [None] * len(jaxpr.invars), nested, scope)
-        ids = []
-        for j, v in enumerate(eqn.outvars):
-            if _dropped(v):
-                ids.append(None)
-                continue
-            label = name if len(eqn.outvars) == 1 else f"{name}.{j}"
-            self.values.append(_Value(label, scope, eqn.primitive.name, v.aval, where.control_flow))
-            ids.append(len(self.values) - 1)
-            env[v] = ids[-1]
-        return _Node(eqn, tuple(ids), None, (lo, len(self.values)))
-
-    def name(self, where: _Where, primitive: str) -> str:
-        # Counting per joined scope string keeps names unique even when a
-        # user scope happens to spell a control-flow prefix.
-        scope = "/".join(p for p in (where.prefix, str(where.relative)) if p)
-        k = self.counts[scope, primitive]
-        self.counts[scope, primitive] += 1
-        return f"{scope}/{primitive}:{k}" if scope else f"{primitive}:{k}"
-
-
-def _dropped(v: Any) -> bool:
-    return isinstance(v, jex.DropVar)
-
-
-def _lookup(env: dict, v: Any) -> int | None:
-    return None if isinstance(v, jex.Literal) else env.get(v)
-
-
 def _within(scope: str, prefix: str) -> bool:
     return scope == prefix or scope.startswith(prefix + "/")
 
 
-def _exits(value: _Value) -> tuple[str, ...]:
+def _exits(value: interpret.Value) -> tuple[str, ...]:
     """The scope prefixes of ``value`` that some consumer lies outside of."""
     parts = value.scope.split("/") if value.scope else []
     prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
@@ -224,58 +88,15 @@ def _site_dtype(aval: Any) -> np.dtype | None:
     return dtype if dtype in bits_lib.SUPPORTED_DTYPES else None
 
 
-@dataclasses.dataclass
-class _Program:
-    graph: _Graph
-    out_tree: Any
-    sites: tuple[ActivationSite, ...]
-    ids: dict[str, int]
-
-    def run(self, arrays: Sequence[Any], hooks: dict[int, list[Callable]]) -> Any:
-        """Evaluate with ``hooks[id]`` applied, in order, to value ``id`` when produced."""
-        touched = sorted(hooks)
-        outs = _evaluate(self.graph, arrays, hooks, touched)
-        return jax.tree_util.tree_unflatten(self.out_tree, outs)
-
-
-def _build(closed: jex.ClosedJaxpr, out_tree: Any) -> _Program:
-    builder = _Builder()
-    root = siu.new_name_stack()
-    graph, _ = builder.graph(closed.jaxpr, closed.consts, [None] * len(closed.jaxpr.invars),
-                             _Where(root, root), "")
-    sites, ids = [], {}
-    for i, value in enumerate(builder.values):
+def program_sites(program: interpret.Program) -> tuple[ActivationSite, ...]:
+    """The activation sites of a traced program: its values with a bit format."""
+    sites = []
+    for value in program.values:
         dtype = _site_dtype(value.aval)
-        if dtype is None:
-            continue
-        sites.append(ActivationSite("activations", value.name, tuple(value.aval.shape), dtype,
-                                    value.primitive, value.scope, _exits(value), value.control_flow))
-        ids[value.name] = i
-    return _Program(graph, out_tree, tuple(sites), ids)
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-def _trace(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[_Program, list[Any]]:
-    """Trace ``fn(*args)``; array leaves are the program inputs, other leaves static."""
-    leaves, treedef = jax.tree_util.tree_flatten(list(args))
-    where = [i for i, x in enumerate(leaves) if _is_array(x)]
-
-    def flat_fn(*arrays):
-        full = list(leaves)
-        for i, a in zip(where, arrays):
-            full[i] = a
-        return fn(*jax.tree_util.tree_unflatten(treedef, full))
-
-    arrays = [leaves[i] for i in where]
-    closed, shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*arrays)
-    return _build(closed, jax.tree_util.tree_structure(shapes)), arrays
-
-
-# ----------------------------------------------------------------------------
-# Evaluation.
+        if dtype is not None:
+            sites.append(ActivationSite("activations", value.name, tuple(value.aval.shape), dtype,
+                                        value.primitive, value.scope, _exits(value), value.control_flow))
+    return tuple(sites)
 
 
 def _touches(span: tuple[int, int], touched: list[int]) -> bool:
@@ -283,27 +104,21 @@ def _touches(span: tuple[int, int], touched: list[int]) -> bool:
     return i < len(touched) and touched[i] < span[1]
 
 
-def _read(env: dict, v: Any) -> Any:
-    return v.val if isinstance(v, jex.Literal) else env[v]
+def run_hooked(program: interpret.Program, arrays: Sequence[Any],
+               hooks: Mapping[int, Sequence[Callable[[jax.Array], jax.Array]]]) -> Any:
+    """Evaluate ``program`` with ``hooks[id]`` applied, in order, to value ``id``
+    when it is produced (in jaxfi's own name scope).
 
+    Call equations are bound whole unless a hooked value lies inside them,
+    which keeps custom derivatives and remat where nothing is hooked.
+    """
+    touched = sorted(hooks)
 
-def _evaluate(graph: _Graph, args: Sequence[Any], hooks: dict[int, list[Callable]],
-              touched: list[int]) -> list[Any]:
-    env = dict(zip(graph.jaxpr.constvars, graph.consts))
-    env.update(zip(graph.jaxpr.invars, args))
-    for node in graph.nodes:
-        eqn = node.eqn
-        invals = [_read(env, v) for v in eqn.invars]
-        stack = siu.current_name_stack() + eqn.source_info.name_stack
-        with siu.user_context(eqn.source_info.traceback, name_stack=stack), eqn.ctx.manager:
-            if node.body is not None and _touches(node.span, touched):
-                outs = _evaluate(node.body, invals, hooks, touched)
-            else:
-                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-                outs = outs if eqn.primitive.multiple_results else [outs]
-            outs = [_apply_hooks(hooks.get(i, ()), x) for i, x in zip(node.ids, outs)]
-        env.update((v, x) for v, x in zip(eqn.outvars, outs) if not _dropped(v))
-    return [_read(env, v) for v in graph.jaxpr.outvars]
+    def after(ids: tuple[int | None, ...], outs: list[Any]) -> list[Any]:
+        return [_apply_hooks(hooks.get(i, ()), x) for i, x in zip(ids, outs)]
+
+    rules = interpret.Rules(descend=lambda node: _touches(node.span, touched), after=after)
+    return interpret.run(program, arrays, rules)
 
 
 def _apply_hooks(hooks: Sequence[Callable], value: Any) -> Any:
@@ -332,7 +147,8 @@ def _candidates(sites: Sequence[ActivationSite], selector: Selector) -> tuple[Ac
     return tuple(s for s in sites if integers or s.format.is_float)
 
 
-def _refuse_control_flow(chosen: Sequence[ActivationSite], what: str) -> None:
+def refuse_control_flow(chosen: Sequence[ActivationSite], what: str) -> None:
+    """Raise a ValueError if any chosen site lies inside a control-flow body."""
     inside = [s for s in chosen if s.control_flow]
     if inside:
         names = ", ".join(repr(s.name) for s in inside[:5])
@@ -344,11 +160,11 @@ def _refuse_control_flow(chosen: Sequence[ActivationSite], what: str) -> None:
             "or exclude body values with where=lambda s: not s.control_flow")
 
 
-def _population(program: _Program, plan: Plan) -> Population:
+def _population(sites: Sequence[ActivationSite], plan: Plan) -> Population:
     if plan.kind != "activations":
         raise ValueError(f"expected a plan over activations sites, got a {plan.kind} plan")
-    pop = plan.population(_candidates(program.sites, plan.sites))
-    _refuse_control_flow(pop.sites, f"plan {plan.sites.describe()}")
+    pop = plan.population(_candidates(sites, plan.sites))
+    refuse_control_flow(pop.sites, f"plan {plan.sites.describe()}")
     return pop
 
 
@@ -356,7 +172,7 @@ class _Injection:
     """One plan's faults of one trial, applied site by site during evaluation."""
 
     def __init__(self, key: jax.Array, pop: Population):
-        k_sample, self.key = jax.random.split(key)
+        k_sample, self.key = plan_keys(key)
         self.pop = pop
         self.faults = sample_faults(k_sample, pop)
         self.parts: list[SiteFaults | None] = [None] * len(pop.sites)
@@ -373,8 +189,6 @@ class _Injection:
         return self.pop.cap > 0
 
     def record(self) -> Record:
-        if not self.active:
-            return assemble_record(self.faults, self.pop, [])
         return assemble_record(self.faults, self.pop, [p for p in self.parts if p is not None])
 
 
@@ -388,28 +202,39 @@ def run_with_faults(fn: Callable[..., Any], args: Sequence[Any], plans: Sequence
     """Evaluate ``fn(*args)`` with each activations plan's faults; one key per plan.
 
     Each plan's key is split into (sampling, applying) keys as for params
-    plans; faults are drawn up front, so values upstream of the first selected
-    site do not depend on the keys. Returns ``fn``'s output and one record per
-    plan. Pure: jit, vmap over keys, grad, lax.map. For derivatives a faulted
-    value is a constant (zero derivative, as for params faults); untouched
-    values of a selected site pass derivatives unchanged. ``only`` restricts
-    each plan to some of its sites (see ``jaxfi.faulty``).
+    plans (``plan_keys``); faults are drawn up front, so values upstream of
+    the first selected site do not depend on the keys. Pure: jit, vmap over
+    keys, grad, lax.map. For derivatives a faulted value is a constant (zero
+    derivative, as for params faults); untouched values of a selected site
+    pass derivatives unchanged.
+
+    Args:
+      fn: any JAX function.
+      args: its arguments.
+      plans: activations plans.
+      keys: one key per plan.
+      only: per plan, the population site indices to fault (None: all); an
+        optimisation for trials known to hit only those sites.
+
+    Returns:
+      ``fn``'s output and one record per plan.
     """
     only = tuple(only) if only is not None else (None,) * len(plans)
     if len(plans) != len(keys):
         raise ValueError(f"run_with_faults needs one key per plan, got {len(keys)} keys "
                          f"for {len(plans)} plans")
-    program, arrays = _trace(fn, args)
+    program, arrays = interpret.trace(fn, args)
+    sites, ids = program_sites(program), program.ids
     hooks: dict[int, list[Callable]] = collections.defaultdict(list)
     injections = []
     with jax.named_scope(OWN_SCOPE):
         for plan, key, subset in zip(plans, keys, only):
-            injection = _Injection(key, _population(program, plan))
+            injection = _Injection(key, _population(sites, plan))
             for s, site in enumerate(injection.pop.sites if injection.active else ()):
                 if subset is None or s in subset:
-                    hooks[program.ids[site.name]].append(injection.hook(s))
+                    hooks[ids[site.name]].append(injection.hook(s))
             injections.append(injection)
-    out = program.run(arrays, hooks)
+    out = run_hooked(program, arrays, hooks)
     with jax.named_scope(OWN_SCOPE):
         return out, [inj.record() for inj in injections]
 
@@ -420,13 +245,13 @@ def activation_sites(fn: Callable[..., Any], *args, integers: bool = False) -> l
     Floating outputs only unless ``integers``; values inside control-flow
     bodies are included with ``control_flow`` set (they cannot be faulted).
     """
-    sites = _trace(fn, args)[0].sites
+    sites = program_sites(interpret.trace(fn, args)[0])
     return [s for s in sites if integers or s.format.is_float]
 
 
 def selected_sites(fn: Callable[..., Any], plan: Plan, *args) -> tuple[ActivationSite, ...]:
     """The sites an activations ``plan`` selects in ``fn(*args)``; records index these."""
-    return _population(_trace(fn, args)[0], plan).sites
+    return _population(program_sites(interpret.trace(fn, args)[0]), plan).sites
 
 
 def sites_table(sites: Sequence[Site]) -> pd.DataFrame:
@@ -449,18 +274,44 @@ def sites_table(sites: Sequence[Site]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def _chosen(program: _Program, sites: str | Sequence[str] | Selector) -> tuple[ActivationSite, ...]:
-    if isinstance(sites, Selector):
-        if sites.kind != "activations":
-            raise ValueError(f"capture needs an activations selector, got {sites.describe()}")
-        return sites.select(_candidates(program.sites, sites))
-    names = (sites,) if isinstance(sites, str) else tuple(sites)
-    by_name = {s.name: s for s in program.sites}
+def _chosen(sites: Sequence[ActivationSite], chosen: str | Sequence[str] | Selector,
+            what: str) -> tuple[ActivationSite, ...]:
+    if isinstance(chosen, Selector):
+        if chosen.kind != "activations":
+            raise ValueError(f"{what} needs an activations selector, got {chosen.describe()}")
+        return chosen.select(_candidates(sites, chosen))
+    names = (chosen,) if isinstance(chosen, str) else tuple(chosen)
+    by_name = {s.name: s for s in sites}
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise ValueError(f"unknown activation site(s) {unknown}; available:\n"
-                         + _listing(program.sites))
+        raise ValueError(f"unknown activation site(s) {unknown}; available:\n" + _listing(sites))
     return tuple(by_name[n] for n in names)
+
+
+def transform(fn: Callable[..., Any], sites: str | Sequence[str] | Selector,
+              hook_for: Callable[[ActivationSite], Callable[[jax.Array], jax.Array]],
+              what: str) -> Callable[..., Any]:
+    """``fn`` with ``hook_for(site)`` applied to each chosen site's value when produced.
+
+    Args:
+      fn: any JAX function.
+      sites: an exact site name, a list of names, or an ``Activations`` selector.
+      hook_for: gives the function applied to a site's value (called at trace time).
+      what: how errors name the caller (e.g. "capture").
+
+    Returns:
+      ``g(*args)`` computing ``fn(*args)`` with the hooks; sites outside
+      control-flow bodies only (a ValueError otherwise).
+    """
+
+    def g(*args):
+        program, arrays = interpret.trace(fn, args)
+        chosen = _chosen(program_sites(program), sites, what)
+        refuse_control_flow(chosen, what)
+        ids = program.ids
+        return run_hooked(program, arrays, {ids[s.name]: [hook_for(s)] for s in chosen})
+
+    return g
 
 
 def capture(fn: Callable[..., Any], sites: str | Sequence[str] | Selector
@@ -474,19 +325,16 @@ def capture(fn: Callable[..., Any], sites: str | Sequence[str] | Selector
     """
 
     def g(*args):
-        program, arrays = _trace(fn, args)
-        chosen = _chosen(program, sites)
-        _refuse_control_flow(chosen, "capture")
         values: dict[str, jax.Array] = {}
 
-        def keep(name: str) -> Callable[[jax.Array], jax.Array]:
+        def keep(site: ActivationSite) -> Callable[[jax.Array], jax.Array]:
             def store(x: jax.Array) -> jax.Array:
-                values[name] = x
+                values[site.name] = x
                 return x
             return store
 
-        out = program.run(arrays, {program.ids[s.name]: [keep(s.name)] for s in chosen})
-        return out, {s.name: values[s.name] for s in chosen}
+        out = transform(fn, sites, keep, "capture")(*args)
+        return out, values
 
     return g
 

@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jex
+from jax.extend.core import primitives as prims
 
-from jaxfi._src.calls import INLINE, sub_jaxprs
+from jaxfi._src import interpret
 
 _MATMUL = "dot_general"
 _PER_TRIAL = frozenset({"conv_general_dilated"})
@@ -56,11 +57,10 @@ def batch_invariant(fn: Callable[..., Any], *example: Any) -> Callable[..., Any]
     convolutions and float reductions compute each trial as if it were alone.
     """
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*example)
-    out_tree = jax.tree.structure(out_shape)
+    program = interpret.build(closed, jax.tree.structure(out_shape))
 
     def rewritten(*args: Any) -> Any:
-        leaves = jax.tree.leaves(args)
-        return jax.tree.unflatten(out_tree, _evaluate(closed.jaxpr, closed.consts, leaves))
+        return interpret.run(program, jax.tree.leaves(args), RULES)
 
     return rewritten
 
@@ -76,50 +76,24 @@ def _needs_rule(eqn: jex.JaxprEqn) -> bool:
 
 def _contains_rule(jaxpr: jex.Jaxpr) -> bool:
     """Whether ``jaxpr`` or any body nested in it has an equation needing a rule."""
-    for eqn in jaxpr.eqns:
-        if _needs_rule(eqn):
-            return True
-        if any(_contains_rule(sub) for sub in sub_jaxprs(eqn)):
-            return True
-    return False
+    return any(_needs_rule(eqn) or any(_contains_rule(body) for _, body, _ in interpret.bodies(eqn))
+               for eqn in jaxpr.eqns)
 
 
-def _read(env: dict, v: Any) -> Any:
-    return v.val if isinstance(v, jex.Literal) else env[v]
+def _invariant_rule(eqn: jex.JaxprEqn, args: list[Any]) -> list[Any]:
+    """A ruled primitive bound so that each trial computes alone under vmap."""
+    if not _needs_rule(eqn):  # an integer reduction: vmap's rule is exact
+        return interpret.bind(eqn, args)
+    out = _with_rule(eqn)(*args)
+    return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
-    """Evaluate ``jaxpr`` equation by equation, giving rules where they are needed."""
-    env: dict = {}
-    env.update(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
-    for eqn in jaxpr.eqns:
-        outs = _equation(eqn, [_read(env, v) for v in eqn.invars])
-        if not eqn.primitive.multiple_results:
-            outs = [outs]
-        for var, value in zip(eqn.outvars, outs):
-            if not isinstance(var, jex.DropVar):
-                env[var] = value
-    return [_read(env, v) for v in jaxpr.outvars]
-
-
-def _equation(eqn: jex.JaxprEqn, ins: list[Any]) -> Any:
-    """One equation: call bodies inlined, ruled primitives wrapped, the rest re-bound."""
-    prim = eqn.primitive
-    if prim in INLINE:
-        body = eqn.params[INLINE[prim]]
-        if isinstance(body, jex.ClosedJaxpr):
-            return _evaluate(body.jaxpr, body.consts, ins)
-        return _evaluate(body, (), ins)
-    if _needs_rule(eqn):
-        return _with_rule(prim, eqn.params)(*ins)
-    if any(_contains_rule(sub) for sub in sub_jaxprs(eqn)):
-        return prim.bind(*ins, **_rewritten_params(eqn.params))
-    return prim.bind(*ins, **eqn.params)
+def _control_flow_rule(eqn: jex.JaxprEqn, args: list[Any]) -> list[Any]:
+    """scan/while/cond with the ruled equations of their bodies rewritten too."""
+    return interpret.bind(eqn, args, _rewritten_params(eqn.params))
 
 
 def _rewritten_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Control-flow bodies (scan, while, cond) with their rules rewritten too."""
     def rewrite(value: Any) -> Any:
         if isinstance(value, tuple):
             return tuple(rewrite(v) for v in value)
@@ -132,19 +106,21 @@ def _rewritten_params(params: dict[str, Any]) -> dict[str, Any]:
 def _rewrite_closed(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr:
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=v.aval.weak_type)
              for v in closed.jaxpr.invars]
-    return jax.make_jaxpr(lambda *a: _evaluate(closed.jaxpr, closed.consts, a))(*avals)
+    program = interpret.build(closed, None)
+    return jax.make_jaxpr(lambda *a: interpret.evaluate(program.graph, a, RULES))(*avals)
 
 
-def _with_rule(prim: jex.Primitive, params: dict[str, Any]) -> Callable[..., Any]:
-    """``prim`` bound with ``params``, batched so that each trial computes alone."""
+def _with_rule(eqn: jex.JaxprEqn) -> Callable[..., Any]:
+    """``eqn``'s primitive bound with its params, batched so that each trial computes alone."""
     def op(*xs: Any) -> Any:
-        return prim.bind(*xs, **params)
+        out = interpret.bind(eqn, xs)
+        return out if eqn.primitive.multiple_results else out[0]
 
     wrapped = jax.custom_batching.custom_vmap(op)
 
     @wrapped.def_vmap
     def rule(axis_size: int, in_batched: Sequence[bool], *xs: Any):
-        if prim.name == _MATMUL:
+        if eqn.primitive.name == _MATMUL:
             full = [x if b else jnp.broadcast_to(x, (axis_size, *np.shape(x)))
                     for x, b in zip(xs, in_batched)]
             return jax.vmap(op)(*full), True
@@ -162,3 +138,23 @@ def _one_by_one(op: Callable[..., Any], xs: Sequence[Any], in_batched: Sequence[
         return op(*[next(it) if b else x for x, b in zip(xs, in_batched)])
 
     return lax.map(one, batched)
+
+
+# The rule table: batch-invariant rules for the primitives whose batching may
+# change per-trial bits, rewritten bodies for control flow; call bodies are
+# always evaluated equation by equation so that their equations get rules too.
+RULES = interpret.Rules(
+    table={
+        prims.dot_general_p: _invariant_rule,
+        prims.conv_general_dilated_p: _invariant_rule,
+        prims.reduce_sum_p: _invariant_rule,
+        prims.reduce_prod_p: _invariant_rule,
+        prims.reduce_window_sum_p: _invariant_rule,
+        prims.cumsum_p: _invariant_rule,
+        prims.cumprod_p: _invariant_rule,
+        prims.cumlogsumexp_p: _invariant_rule,
+        prims.scan_p: _control_flow_rule,
+        prims.while_p: _control_flow_rule,
+        prims.cond_p: _control_flow_rule,
+    },
+    descend=lambda node: True)

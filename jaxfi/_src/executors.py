@@ -38,53 +38,19 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxfi._src.batching import batch_invariant
-from jaxfi._src.grouped import GroupedExecutor, same_bits
-from jaxfi._src.inject import Record
+from jaxfi._src.grouped import GroupedExecutor
+from jaxfi._src.trial import Outputs, Trials, same_bits, trial_function
 
 TRIAL_AXIS = "trials"
-Outputs = tuple[np.ndarray, tuple[Record, ...]]
 
 
 class NotBitwiseError(RuntimeError):
     """A batched executor gave different bits than the unbatched trial."""
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Trials:
-    """A campaign's trial function and the arguments it runs on.
-
-    ``fn(base_key, index, params, inputs) -> (output, records)``; trial ``i``
-    uses ``jax.random.fold_in(base_key, i)``. ``apply_fn`` and ``plans``
-    (what ``fn`` was built from) let executors specialise trials.
-    """
-
-    fn: Callable[..., Any]
-    base_key: jax.Array
-    params: Any
-    inputs: Any
-    apply_fn: Callable[..., Any] | None = None
-    plans: tuple[Any, ...] | None = None
-
-    @functools.cached_property
-    def single(self) -> Callable[..., Any]:
-        """The jitted unbatched trial: the definition every executor reproduces."""
-        return jax.jit(self.fn)
-
-    @functools.cached_property
-    def invariant(self) -> Callable[..., Any]:
-        """``fn`` with batch-invariant batching rules (traced once)."""
-        return batch_invariant(self.fn, self.base_key, np.int32(0), self.params, self.inputs)
-
-    def replay(self, index: int) -> Outputs:
-        """Trial ``index`` alone, on the default device, as numpy arrays."""
-        return jax.device_get(self.single(self.base_key, np.int32(index), self.params, self.inputs))
-
-
-def trial_function(faulty_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``(base_key, index, params, inputs) -> faulty_fn(fold_in(base_key, index), params, inputs)``."""
-    def trial(base_key: jax.Array, index: jax.Array, params: Any, inputs: Any):
-        return faulty_fn(jax.random.fold_in(base_key, index), params, inputs)
-    return trial
+def _invariant(trials: Trials) -> Callable[..., Any]:
+    """The trial function with batch-invariant batching rules (see ``batching``)."""
+    return batch_invariant(trials.fn, trials.base_key, np.int32(0), trials.params, trials.inputs)
 
 
 class Runner(Protocol):
@@ -162,7 +128,7 @@ class VmapExecutor:
 
     def build(self, trials: Trials, chunk_size: int, devices: Sequence[jax.Device]) -> Runner:
         """Compile the chunk program for ``chunk_size`` trials over ``devices``."""
-        batched = jax.vmap(trials.invariant, in_axes=(None, 0, None, None))
+        batched = jax.vmap(_invariant(trials), in_axes=(None, 0, None, None))
         return _ShardedRunner(self.name, trials, chunk_size, devices, batched)
 
 
@@ -184,7 +150,7 @@ class MapExecutor:
         """Compile the chunk program for ``chunk_size`` trials over ``devices``."""
         # One trial at a time is the unbatched program itself; only a batch
         # inside lax.map goes through vmap and needs the invariant rules.
-        fn = trials.fn if self.batch_size == 1 else trials.invariant
+        fn = trials.fn if self.batch_size == 1 else _invariant(trials)
         size = self.batch_size
 
         def mapped(base_key, indices, params, inputs):

@@ -3,7 +3,7 @@
 A trial only needs to recompute what depends on its faults. This executor
 first draws every trial's faults (cheap), then groups the chunk's trials by
 the earliest layer they hit, in program order, for each plan. A group runs a
-program restricted (``faulty(..., only=...)``) to the sites of that layer and
+program restricted (``trial.restricted``) to the sites of that layer and
 later ones and split there (``rows``): the golden values it reads are
 computed once per group, and each trial computes only what its faults reach:
 from a weight fault on, the whole batch; from an input or activation fault
@@ -32,15 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend import core as jex
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxfi._src.calls import sub_jaxprs
+from jaxfi._src import interpret
 from jaxfi._src.inject import plan_faults
 from jaxfi._src.plan import Plan, Population
 from jaxfi._src.rows import RowProgram, row_sites
 from jaxfi._src.sites import param_sites
-from jaxfi._src.trial import faulty, sites_of
+from jaxfi._src.trial import Trials, plan_key, restricted, same_bits, sites_of, trial_key
 
 TRIAL_AXIS = "trials"
 _NEVER = np.iinfo(np.int32).max
@@ -51,37 +50,13 @@ _PROBES = 4
 Key = tuple[tuple[int | None, ...], bool]
 
 
-def same_bits(a: Any, b: Any) -> bool:
-    """Whether two pytrees of arrays are equal bit for bit (NaN payloads included)."""
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        np.asarray(x).dtype == np.asarray(y).dtype and np.shape(x) == np.shape(y)
-        and np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb))
-
-
-def _first_use(jaxpr: jex.Jaxpr, watched: dict[Any, int], order: dict[int, int], clock: list[int]) -> None:
-    """Record, per watched leaf, the position of the first equation reading it."""
-    for eqn in jaxpr.eqns:
-        clock[0] += 1
-        leaves = {watched[v] for v in eqn.invars if isinstance(v, jex.Var) and v in watched}
-        for leaf in leaves:
-            order.setdefault(leaf, clock[0])
-        for body in sub_jaxprs(eqn):
-            inner = {b: watched[v] for v, b in zip(eqn.invars, body.invars)
-                     if isinstance(v, jex.Var) and v in watched}
-            _first_use(body, inner, order, clock)
-
-
 def param_order(apply_fn: Callable[..., Any], params: Any, inputs: Any) -> dict[str, int]:
-    """Rank of every params leaf by where the program first reads it."""
-    closed = jax.make_jaxpr(apply_fn)(params, inputs)
+    """Rank of every params leaf by the position of the first operation reading it."""
+    program, _ = interpret.trace(apply_fn, (params, inputs))
+    first = program.first_readers()
     names = [s.name for s in param_sites(params)]
-    n_leaves = len(jax.tree.leaves(params))
-    watched = {v: i for i, v in enumerate(closed.jaxpr.invars[:n_leaves])}
-    order: dict[int, int] = {}
-    _first_use(closed.jaxpr, watched, order, [0])
-    never = 1 + max(order.values(), default=0)
-    return {name: order.get(i, never) for i, name in enumerate(names)}
+    never = len(program.ops)
+    return {name: first.get(i, never) for name, i in zip(names, program.inputs)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +119,7 @@ def _views(apply_fn, plans: Sequence[Plan], params: Any, inputs: Any) -> list[_P
 class GroupedRunner:
     """Computes trials grouped by the earliest site they hit (see module doc)."""
 
-    def __init__(self, trials: Any, chunk_size: int, devices: Sequence[jax.Device], executor: GroupedExecutor):
+    def __init__(self, trials: Trials, chunk_size: int, devices: Sequence[jax.Device], executor: GroupedExecutor):
         if trials.apply_fn is None or trials.plans is None:
             raise ValueError("the grouped executor needs a campaign's apply_fn and plans")
         self.name = executor.name
@@ -175,10 +150,10 @@ class GroupedRunner:
         views = self._views
 
         def hits(base_key, index):
-            key = jax.random.fold_in(base_key, index)
+            key = trial_key(base_key, index)
             out, wide = [], jnp.asarray(False)
             for i, view in enumerate(views):
-                faults = plan_faults(jax.random.fold_in(key, i), view.pop)
+                faults = plan_faults(plan_key(key, i), view.pop)
                 rank = jnp.asarray(view.rank, jnp.int32)[faults.site]
                 out.append(jnp.min(jnp.where(faults.valid, rank, _NEVER), initial=_NEVER))
                 wide |= jnp.any(faults.valid & ~jnp.asarray(view.by_row)[faults.site])
@@ -201,8 +176,8 @@ class GroupedRunner:
         plans, apply_fn = self._trials.plans, self._trials.apply_fn
         params_only = all(v.plan.kind == "params" for v in self._views)
         if not split and params_only:
-            fn = faulty(apply_fn, *plans, only=only)
-            return (lambda base_key, i, params, inputs, _: fn(jax.random.fold_in(base_key, i), params, inputs)), ()
+            fn = restricted(apply_fn, plans, only)
+            return (lambda base_key, i, params, inputs, _: fn(trial_key(base_key, i), params, inputs)), ()
         if not split:
             # Restricting activation or input sites changes where XLA fuses,
             # so these groups fall back to the campaign's own trial.
@@ -211,7 +186,7 @@ class GroupedRunner:
                              [v.pop for v in self._views], only, sparse=self._sparse)
         golden = program.golden(*self._args[1:])
         return (lambda base_key, i, params, inputs, golden: program.trial(
-            jax.random.fold_in(base_key, i), params, golden)), golden
+            trial_key(base_key, i), params, golden)), golden
 
     def _compiled(self, key: Key, split: bool) -> tuple[Any, Any]:
         trial, extra = self._trial(key, split)
@@ -319,6 +294,6 @@ class GroupedExecutor:
         extra = (", sparse" if self.sparse else "") + ("" if self.bitwise else ", bitwise=False")
         return f"grouped(width={self.group_width}{extra})"
 
-    def build(self, trials: Any, chunk_size: int, devices: Sequence[jax.Device]) -> GroupedRunner:
+    def build(self, trials: Trials, chunk_size: int, devices: Sequence[jax.Device]) -> GroupedRunner:
         """Prepare the fault sampler and compile the first chunk's group programs."""
         return GroupedRunner(trials, chunk_size, devices, self)

@@ -11,7 +11,7 @@ vmap).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -33,7 +33,28 @@ DENSE_LIMIT = 65536
 # signalling NaNs, so they are scattered as unsigned integers instead.
 _NATIVE_SCATTER = frozenset(np.dtype(d) for d in (
     np.float16, np.float32, np.float64, np.int8, np.uint8, np.int16, np.uint16,
-    np.int32, np.uint32, np.int64, np.uint64))
+    np.int32, np.uint32, np.int64, np.uint64, np.bool_))
+
+
+def movable(x: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """``x`` as values that gather and scatter bit for bit, and the way back.
+
+    XLA:CPU quiets signalling NaNs when it moves emulated formats (bfloat16,
+    float8), so those travel as their unsigned integer bits.
+    """
+    if np.dtype(x.dtype) in _NATIVE_SCATTER:
+        return x, lambda y: y
+    return bits_lib.to_bits(x), lambda y: bits_lib.from_bits(y, x.dtype)
+
+
+def plan_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A plan's (sampling, applying) keys from the plan's key in a trial.
+
+    Faults are drawn from the first and fault models that need randomness
+    (random values) use the second, so the draw never depends on the sites.
+    """
+    k_sample, k_apply = jax.random.split(key)
+    return k_sample, k_apply
 
 
 class Faults(NamedTuple):
@@ -242,8 +263,8 @@ def _apply_flat(key: jax.Array, flat: jax.Array, index: jax.Array, site: int, fa
         empty = jnp.zeros((0,), rec)
         return flat, SiteFaults(jnp.zeros((0,), bool), empty, empty, empty)
     hit = faults.valid & (faults.site == site)
-    native = flat.dtype in _NATIVE_SCATTER
-    store = flat if native else bits_lib.to_bits(flat)
+    store, back = movable(flat)
+    native = store is flat
     before = store[jnp.where(hit, index, 0)]
     before = bits_lib.to_bits(before) if native else before
     if pop.plan.granularity == "bit":
@@ -256,7 +277,7 @@ def _apply_flat(key: jax.Array, flat: jax.Array, index: jax.Array, site: int, fa
     store = store.at[jnp.where(hit, index, flat.shape[0])].set(written, mode="drop")
     widen = lambda v: jnp.where(hit, v.astype(rec), 0)
     fields = SiteFaults(hit, widen(own), widen(before), widen(after))
-    return (store if native else bits_lib.from_bits(store, flat.dtype)), fields
+    return back(store), fields
 
 
 def assemble_record(faults: Faults, pop: Population, parts: Sequence[SiteFaults]) -> Record:
@@ -274,7 +295,7 @@ def assemble_record(faults: Faults, pop: Population, parts: Sequence[SiteFaults]
 
 def plan_faults(key: jax.Array, pop: Population) -> Faults:
     """The faults a trial with plan key ``key`` draws (what ``inject`` applies)."""
-    return sample_faults(jax.random.split(key)[0], pop)
+    return sample_faults(plan_keys(key)[0], pop)
 
 
 def inject_arrays(key: jax.Array, arrays: Sequence[jax.Array], sites: Sequence[Site],
@@ -288,7 +309,7 @@ def inject_arrays(key: jax.Array, arrays: Sequence[jax.Array], sites: Sequence[S
     pop = plan.population(tuple(sites))
     position = {site.name: i for i, site in enumerate(sites)}
     arrays = list(arrays)
-    k_sample, k_apply = jax.random.split(key)
+    k_sample, k_apply = plan_keys(key)
     faults = sample_faults(k_sample, pop)
     parts = []
     for s, spec in enumerate(pop.sites):
@@ -300,14 +321,26 @@ def inject_arrays(key: jax.Array, arrays: Sequence[jax.Array], sites: Sequence[S
     return arrays, assemble_record(faults, pop, parts)
 
 
-def inject(key: jax.Array, params: Any, plan: Plan,
-           only: frozenset[int] | None = None) -> tuple[Any, Record]:
+def inject(key: jax.Array, params: Any, plan: Plan) -> tuple[Any, Record]:
     """Inject one trial of ``plan``'s faults into a parameter pytree.
 
-    Pure and jittable (``plan`` is static), vmappable over keys. Returns the
-    faulty pytree (unselected leaves are the input leaves themselves) and the
-    trial's ``Record``. ``only``: see ``inject_arrays``.
+    Pure and jittable (``plan`` is static), vmappable over keys.
+
+    Args:
+      key: the trial's PRNG key for this plan.
+      params: the parameter pytree.
+      plan: a plan over params sites.
+
+    Returns:
+      The faulty pytree (unselected leaves are the input leaves themselves)
+      and the trial's ``Record``.
     """
+    return inject_params(key, params, plan)
+
+
+def inject_params(key: jax.Array, params: Any, plan: Plan,
+                  only: frozenset[int] | None = None) -> tuple[Any, Record]:
+    """``inject`` restricted to the population sites ``only`` (see ``inject_arrays``)."""
     if plan.kind != "params":
         raise ValueError(f"inject takes a plan over params sites, got a {plan.kind} plan")
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)

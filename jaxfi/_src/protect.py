@@ -72,14 +72,12 @@ def restrict(fn: Callable[..., Any], bounds: Mapping[str, tuple[float, float]]) 
     bounds = {name: (float(lo), float(hi)) for name, (lo, hi) in dict(bounds).items()}
     _check_bounds(bounds)
 
-    def restricted(*args):
-        program, arrays = activations._trace(fn, args)
-        chosen = activations._chosen(program, tuple(bounds))
-        activations._refuse_control_flow(chosen, "restrict")
-        integral = [s.name for s in chosen if not s.format.is_float]
-        if integral:
-            raise ValueError(f"restrict clamps floating values only; {integral} are integers")
-        return program.run(arrays, {program.ids[s.name]: [_clamp(*bounds[s.name])] for s in chosen})
+    def clamp_for(site: activations.ActivationSite) -> Callable[[jax.Array], jax.Array]:
+        if not site.format.is_float:
+            raise ValueError(f"restrict clamps floating values only; {site.name!r} is {site.dtype.name}")
+        return _clamp(*bounds[site.name])
+
+    restricted = activations.transform(fn, tuple(bounds), clamp_for, "restrict")
 
     # Campaign stores key on the function's name: different bounds must not share one.
     digest = hashlib.sha256(json.dumps(sorted(bounds.items())).encode()).hexdigest()[:12]

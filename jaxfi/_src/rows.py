@@ -37,12 +37,12 @@ import numpy as np
 from jax.extend import core as jex
 
 from jaxfi._src import bits as bits_lib
-from jaxfi._src import activations
-from jaxfi._src.inject import (_NATIVE_SCATTER, Faults, apply_rows, apply_site, assemble_record, inject,
+from jaxfi._src import interpret
+from jaxfi._src.inject import (Faults, apply_rows, apply_site, assemble_record, inject_params, movable, plan_keys,
                                sample_faults)
 from jaxfi._src.plan import Plan, Population
 from jaxfi._src.sites import param_sites
-from jaxfi._src.trial import input_sites
+from jaxfi._src.trial import input_sites, plan_key
 
 _ELEMENTWISE = frozenset({
     "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "cbrt",
@@ -60,49 +60,6 @@ _REDUCTIONS = frozenset({"reduce_max", "reduce_min", "reduce_and", "reduce_or", 
 _WINDOWS = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
 # Params that spell the batch size of an operation's output.
 _SHAPE_PARAMS = {"reshape": "new_sizes", "broadcast_in_dim": "shape", "slice": "limit_indices"}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Op:
-    eqn: jex.JaxprEqn
-    ins: tuple[Any, ...]
-    outs: tuple[int | None, ...]
-
-
-class _Flat:
-    """An activations program as one list of ops over value ids.
-
-    Activation values keep their site ids; program inputs and constants get
-    negative ids. Call bodies are inlined.
-    """
-
-    def __init__(self, program: Any):
-        self.ops: list[_Op] = []
-        self.consts: dict[int, Any] = {}
-        self._next = -1
-        graph = program.graph
-        self.inputs = [self._fresh() for _ in graph.jaxpr.invars]
-        self.outputs = self._walk(graph, self.inputs)
-
-    def _fresh(self) -> int:
-        self._next -= 1
-        return self._next + 1
-
-    def _walk(self, graph: Any, in_ids: Sequence[Any]) -> list[Any]:
-        env = dict(zip(graph.jaxpr.invars, in_ids))
-        for var, value in zip(graph.jaxpr.constvars, graph.consts):
-            env[var] = self._fresh()
-            self.consts[env[var]] = value
-        read = lambda v: env[v] if isinstance(v, jex.Var) else v
-        for node in graph.nodes:
-            ins = tuple(read(v) for v in node.eqn.invars)
-            if node.body is not None:
-                outs = self._walk(node.body, ins)
-            else:
-                self.ops.append(_Op(node.eqn, ins, node.ids))
-                outs = node.ids
-            env.update((v, o) for v, o in zip(node.eqn.outvars, outs) if o is not None)
-        return [read(v) for v in graph.jaxpr.outvars]
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -155,30 +112,19 @@ def _row_params(eqn: jex.JaxprEqn, rows: int) -> dict[str, Any]:
     return params
 
 
-def _raw(x: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-    """``x`` as values safe to gather and scatter bit for bit, and the way back.
-
-    XLA:CPU quiets signalling NaNs when it moves emulated formats (bfloat16,
-    float8), so those travel as unsigned integers.
-    """
-    if np.dtype(x.dtype) in _NATIVE_SCATTER or x.dtype == jnp.bool_:
-        return x, lambda y: y
-    return bits_lib.to_bits(x), lambda y: bits_lib.from_bits(y, x.dtype)
-
-
 def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     """``x[rows]`` along the leading axis; out-of-range rows read zeros."""
-    raw, back = _raw(x)
+    raw, back = movable(x)
     return back(jnp.take(raw, rows, axis=0, mode="fill", fill_value=0))
 
 
 def put_rows(x: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
     """``x`` with ``x[rows] = values``; out-of-range rows are dropped."""
-    raw, back = _raw(x)
-    return back(raw.at[rows].set(_raw(values)[0], mode="drop"))
+    raw, back = movable(x)
+    return back(raw.at[rows].set(movable(values)[0], mode="drop"))
 
 
-def _batched(flat: _Flat, arrays: Sequence[Any], n_params: int, batch: int) -> set[int]:
+def _batched(flat: interpret.Program, arrays: Sequence[Any], n_params: int, batch: int) -> set[int]:
     """Ids of the values whose leading axis is the batch: inputs with a
     leading ``batch`` axis and what row-local operations make of them."""
     batched = {i for i, a in zip(flat.inputs[n_params:], arrays[n_params:]) if np.shape(a)[:1] == (batch,)}
@@ -200,14 +146,13 @@ def row_sites(fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> frozen
     ``inputs``), and values after the last such one (from there a trial runs
     on the whole batch anyway). A fault on any other site (a bias broadcast
     inside a convolutional trunk, say) changes every row."""
-    program, arrays = activations._trace(fn, (params, inputs))
-    flat = _Flat(program)
+    flat, arrays = interpret.trace(fn, (params, inputs))
     n_params = len(param_sites(params))
     batched = _batched(flat, arrays, n_params, _batch_size(arrays[n_params:]))
     last = max((n for n, op in enumerate(flat.ops) if batched.intersection(op.outs)), default=-1)
     keep = batched | {o for op in flat.ops[last + 1:] for o in op.outs}
     names = {flat.inputs[n_params + n]: s.name for n, s in enumerate(input_sites((params, inputs)))}
-    names.update((i, name) for name, i in program.ids.items())
+    names.update((i, name) for name, i in flat.ids.items())
     return frozenset(names[i] for i in keep if i in names)
 
 
@@ -238,9 +183,9 @@ class RowProgram:
     def __init__(self, fn: Callable[[Any, Any], Any], params: Any, inputs: Any,
                  plans: Sequence[Plan], pops: Sequence[Population], only: Sequence[frozenset[int]],
                  sparse: bool = False):
-        program, arrays = activations._trace(fn, (params, inputs))
+        program, arrays = interpret.trace(fn, (params, inputs))
         self._sparse_cap = sum(pop.cap for plan, pop in zip(plans, pops) if plan.kind == "params") if sparse else 0
-        self._flat = flat = _Flat(program)
+        self._flat = flat = program
         self._out_tree = program.out_tree
         self._plans, self._pops, self._only = tuple(plans), tuple(pops), tuple(only)
         n_params = len(param_sites(params))
@@ -366,15 +311,20 @@ class RowProgram:
         return jax.jit(self._golden)(params, inputs, jax.random.key(0), blanks)
 
     def _golden(self, params: Any, inputs: Any, key: jax.Array, blanks: Sequence[Faults]) -> list[Any]:
-        env = dict(self._flat.consts)
-        env.update(zip(self._flat.inputs, param_leaves(params) + jax.tree.leaves(inputs)))
-        blank = lambda ids: env.update(
-            (i, apply_site(key, env[i], hook.site, blanks[hook.plan], self._pops[hook.plan])[0])
-            for i in ids for hook in self._sites.get(i, ()))
-        blank(self._flat.inputs)
-        for op in self._flat.ops:
-            _bind(op, [_value(env, x) for x in op.ins], op.eqn.params, env)
-            blank(op.outs)
+        env: dict[int, Any] = {}
+
+        def blank(ids: Sequence[int | None], values: Sequence[Any]) -> list[Any]:
+            out = []
+            for i, x in zip(ids, values):
+                for hook in self._sites.get(i, ()):
+                    x = apply_site(key, x, hook.site, blanks[hook.plan], self._pops[hook.plan])[0]
+                if i is not None:
+                    env[i] = x
+                out.append(x)
+            return out
+
+        args = blank(self._flat.inputs, param_leaves(params) + jax.tree.leaves(inputs))
+        interpret.evaluate(self._flat.graph, args, interpret.Rules(descend=lambda node: True, after=blank))
         return [env[i] for i in self._golden_ids]
 
     def trial(self, key: jax.Array, params: Any, golden: Sequence[Any]) -> tuple[Any, tuple[Any, ...]]:
@@ -385,11 +335,11 @@ class RowProgram:
         draws: dict[int, tuple[jax.Array, Faults]] = {}
         unfaulted = dict(zip(flat.inputs, param_leaves(params)))
         for i, (plan, pop) in enumerate(zip(self._plans, self._pops)):
-            k = jax.random.fold_in(key, i)
+            k = plan_key(key, i)
             if plan.kind == "params":
-                params, records[i] = inject(k, params, plan, self._only[i])
+                params, records[i] = inject_params(k, params, plan, self._only[i])
             else:
-                k_sample, k_apply = jax.random.split(k)
+                k_sample, k_apply = plan_keys(k)
                 draws[i] = (k_apply, sample_faults(k_sample, pop))
         own = {i: x for i, x in zip(flat.inputs, param_leaves(params)) if self._mode.get(i) == "full"}
         own_full: dict[int, Any] = {}
@@ -446,7 +396,7 @@ class RowProgram:
                 parts[hook.plan].append(part)
 
 
-def _how(op: _Op, sliced: tuple[bool, ...] | None, mode: dict[int, str]) -> str | None:
+def _how(op: interpret.Op, sliced: tuple[bool, ...] | None, mode: dict[int, str]) -> str | None:
     """None if ``op`` reads no trial value; else "rows" if it can run on the
     faulted rows alone, "full" if it must run on the whole batch."""
     own = [(x, s) for x, s in zip(op.ins, sliced or (False,) * len(op.ins)) if isinstance(x, int) and x in mode]
@@ -469,7 +419,7 @@ def _materialised(eqn: jex.JaxprEqn) -> bool:
     return any(kernel[d] != 1 for d in spec[2:])
 
 
-def _is_dense(op: _Op, faulted: set[int], mode: dict[int, str]) -> bool:
+def _is_dense(op: interpret.Op, faulted: set[int], mode: dict[int, str]) -> bool:
     """A golden ``x @ W`` with W a faulted 2-D params leaf."""
     if op.eqn.primitive.name != "dot_general" or len(op.ins) != 2:
         return False
@@ -490,13 +440,13 @@ def _sparse_dot(golden: jax.Array, x: jax.Array, w_golden: jax.Array, w_faulty: 
     return golden.at[..., cols].add(terms.astype(golden.dtype))
 
 
-def _rows_recipe(op: _Op, sliced: tuple[bool, ...], mode: dict[int, str]) -> _Recipe:
+def _rows_recipe(op: interpret.Op, sliced: tuple[bool, ...], mode: dict[int, str]) -> _Recipe:
     """Operands of ``op`` run on the trial's rows: its own rows, or the golden value's."""
     return tuple("literal" if not isinstance(x, int) else "own" if x in mode else "take" if s else "golden"
                  for x, s in zip(op.ins, sliced))
 
 
-def _full_recipe(op: _Op, mode: dict[int, str], doubled: set[int]) -> _Recipe:
+def _full_recipe(op: interpret.Op, mode: dict[int, str], doubled: set[int]) -> _Recipe:
     """Operands of ``op`` run on the whole batch: its own whole values, its own
     rows written into the golden values, or the golden values."""
     return tuple(_output_recipe(x, mode, doubled) for x in op.ins)
@@ -524,10 +474,8 @@ def _value(env: dict, x: Any) -> Any:
     return env[x] if isinstance(x, int) else x.val
 
 
-def _bind(op: _Op, args: Sequence[Any], params: dict[str, Any], env: dict) -> None:
-    out = op.eqn.primitive.bind(*args, **op.eqn.primitive.get_bind_params(params))
-    outs = out if op.eqn.primitive.multiple_results else (out,)
-    env.update((o, v) for o, v in zip(op.outs, outs) if o is not None)
+def _bind(op: interpret.Op, args: Sequence[Any], params: dict[str, Any], env: dict) -> None:
+    env.update((o, v) for o, v in zip(op.outs, interpret.bind(op.eqn, args, params)) if o is not None)
 
 
 def param_leaves(params: Any) -> list[Any]:

@@ -2,12 +2,17 @@
 
 ``faulty(fn, *plans)`` turns ``fn(params, *inputs)`` into
 ``g(key, params, *inputs) -> (output, records)``, applying every plan in one
-trial. Plan ``i`` draws from ``fold_in(key, i)``, so adding a plan never
-changes the faults of the others.
+trial. The key conventions live here: trial ``i`` of a campaign uses
+``trial_key(base_key, i)`` and plan ``j`` of a trial ``plan_key(key, j)``
+(then ``inject.plan_keys`` splits it into sampling and applying keys).
+``Trials`` bundles a campaign's trial function with its arguments for the
+executors.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,7 +20,7 @@ import jax
 import numpy as np
 
 from jaxfi._src import activations
-from jaxfi._src.inject import Record, inject, inject_arrays
+from jaxfi._src.inject import Record, inject_arrays, inject_params
 from jaxfi._src.plan import Plan
 from jaxfi._src.sites import Site, path_name, param_sites
 
@@ -47,6 +52,17 @@ def inject_inputs(key: jax.Array, args: Sequence[Any], plan: Plan,
     return [args[i] if i == params_argnum else a for i, a in enumerate(rebuilt)], record
 
 
+def trial_key(base_key: jax.Array, index: Any) -> jax.Array:
+    """Trial ``index``'s key in a campaign with key ``base_key``."""
+    return jax.random.fold_in(base_key, index)
+
+
+def plan_key(key: jax.Array, i: int) -> jax.Array:
+    """Plan ``i``'s key in a trial with key ``key``: adding a plan never changes
+    the faults of the others."""
+    return jax.random.fold_in(key, i)
+
+
 def _check_plans(plans: Sequence[Plan]) -> None:
     if not plans:
         raise ValueError("faulty needs at least one plan")
@@ -55,19 +71,33 @@ def _check_plans(plans: Sequence[Plan]) -> None:
             raise TypeError(f"expected jaxfi.Plan objects, got {p!r}")
 
 
-def faulty(fn: Callable[..., Any], *plans: Plan, params_argnum: int = 0,
-           only: Sequence[frozenset[int] | None] | None = None) -> Callable[..., Any]:
+def faulty(fn: Callable[..., Any], *plans: Plan, params_argnum: int = 0) -> Callable[..., Any]:
     """Make ``g(key, *args) -> (fn's output, records)`` that injects every plan.
 
     Params plans corrupt ``args[params_argnum]``, inputs plans the other
-    arguments, activations plans the intermediate values of ``fn``. ``records``
-    is a tuple with one ``Record`` per plan, in order. ``g`` is pure: jit it,
-    vmap it over keys, differentiate through it.
+    arguments, activations plans the intermediate values of ``fn``. ``g`` is
+    pure: jit it, vmap it over keys, differentiate through it.
 
-    ``only`` (one entry per plan) restricts each plan to the given population
-    site indices. It is an optimisation for trials known to hit only those
-    sites: the rest of the computation then does not depend on the key, so
-    XLA computes it once per batch of trials.
+    Args:
+      fn: any JAX function.
+      *plans: the plans applied in every call; plan ``i`` draws from
+        ``fold_in(key, i)``.
+      params_argnum: which argument is the parameter pytree.
+
+    Returns:
+      ``g``; its ``records`` are a tuple with one ``Record`` per plan, in order.
+    """
+    return restricted(fn, plans, None, params_argnum)
+
+
+def restricted(fn: Callable[..., Any], plans: Sequence[Plan],
+               only: Sequence[frozenset[int] | None] | None,
+               params_argnum: int = 0) -> Callable[..., Any]:
+    """``faulty`` with each plan restricted to the population sites in ``only``.
+
+    An executor optimisation for trials known to hit only those sites: the
+    rest of the computation then does not depend on the key, so XLA computes
+    it once per batch of trials. ``only=None`` (or a None entry) keeps all.
     """
     _check_plans(plans)
     only = tuple(only) if only is not None else (None,) * len(plans)
@@ -78,15 +108,15 @@ def faulty(fn: Callable[..., Any], *plans: Plan, params_argnum: int = 0,
         args = list(args)
         records: list[Record | None] = [None] * len(plans)
         for i, plan in enumerate(plans):
-            k = jax.random.fold_in(key, i)
+            k = plan_key(key, i)
             if plan.kind == "params":
-                args[params_argnum], records[i] = inject(k, args[params_argnum], plan, only[i])
+                args[params_argnum], records[i] = inject_params(k, args[params_argnum], plan, only[i])
             elif plan.kind == "inputs":
                 args, records[i] = inject_inputs(k, args, plan, params_argnum, only[i])
         active = [(i, p) for i, p in enumerate(plans) if p.kind == "activations"]
         if not active:
             return fn(*args), tuple(records)
-        keys = [jax.random.fold_in(key, i) for i, _ in active]
+        keys = [plan_key(key, i) for i, _ in active]
         out, act_records = activations.run_with_faults(
             fn, args, [p for _, p in active], keys, [only[i] for i, _ in active])
         for (i, _), rec in zip(active, act_records):
@@ -103,3 +133,50 @@ def sites_of(fn: Callable[..., Any], plan: Plan, *args, params_argnum: int = 0) 
     if plan.kind == "inputs":
         return plan.population(tuple(input_sites(args, params_argnum))).sites
     return activations.selected_sites(fn, plan, *args)
+
+
+# ----------------------------------------------------------------------------
+# A campaign's trials.
+
+Outputs = tuple[Any, tuple[Record, ...]]
+
+
+def same_bits(a: Any, b: Any) -> bool:
+    """Whether two pytrees of arrays are equal bit for bit (NaN payloads included)."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        np.asarray(x).dtype == np.asarray(y).dtype and np.shape(x) == np.shape(y)
+        and np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb))
+
+
+def trial_function(faulty_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``(base_key, index, params, inputs) -> faulty_fn(trial_key(base_key, index), params, inputs)``."""
+    def trial(base_key: jax.Array, index: jax.Array, params: Any, inputs: Any):
+        return faulty_fn(trial_key(base_key, index), params, inputs)
+    return trial
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Trials:
+    """A campaign's trial function and the arguments it runs on.
+
+    ``fn(base_key, index, params, inputs) -> (output, records)``; trial ``i``
+    uses ``trial_key(base_key, i)``. ``apply_fn`` and ``plans`` (what ``fn``
+    was built from) let executors specialise trials.
+    """
+
+    fn: Callable[..., Any]
+    base_key: jax.Array
+    params: Any
+    inputs: Any
+    apply_fn: Callable[..., Any] | None = None
+    plans: tuple[Plan, ...] | None = None
+
+    @functools.cached_property
+    def single(self) -> Callable[..., Any]:
+        """The jitted unbatched trial: the reference every executor is measured against."""
+        return jax.jit(self.fn)
+
+    def replay(self, index: int) -> Outputs:
+        """Trial ``index`` alone, on the default device, as numpy arrays."""
+        return jax.device_get(self.single(self.base_key, np.int32(index), self.params, self.inputs))
