@@ -75,7 +75,7 @@ def test_load_table(store):
 
 def test_manifest_and_empty_store(store):
     manifest = (store.path / "manifest.json").read_text()
-    assert '"format": "jaxfi-store-1"' in manifest and store.config_hash in manifest
+    assert '"format": "jaxfi-store-2"' in manifest and store.config_hash in manifest
     assert store.completed().size == 0 and store.missing(5) == [(0, 5)]
     assert list(store.load_arrays()) == ["trial"] and len(store.load()) == 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Union
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
@@ -89,11 +89,8 @@ def format_of(dtype) -> Format:
         allowed = ", ".join(d.name for d in SUPPORTED_DTYPES)
         raise TypeError(f"dtype {dt.name} is not supported for bit faults; allowed: {allowed}")
     width = dt.itemsize * 8
-    if width == 64 and not jax.config.jax_enable_x64:
-        raise ValueError(
-            f"dtype {dt.name} needs 64-bit JAX: call "
-            "jax.config.update('jax_enable_x64', True) first (without it JAX "
-            "silently stores it as a 32-bit type)")
+    if width == 64:
+        _check_canonical(dt, "")
     if dt in tuple(np.dtype(d) for d in _INTS):
         sign = (width - 1,) if np.issubdtype(dt, np.signedinteger) else ()
         return Format(dt, width, sign, (), ())
@@ -101,6 +98,39 @@ def format_of(dtype) -> Format:
     nmant, nexp = int(info.nmant), int(info.nexp)
     sign = (width - 1,) if 1 + nexp + nmant == width else ()
     return Format(dt, width, sign, tuple(range(nmant, nmant + nexp)), tuple(range(nmant)))
+
+
+def _check_canonical(dtype: np.dtype, what: str) -> None:
+    """Refuse a dtype that JAX would silently narrow (64-bit types without x64)."""
+    if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+        raise ValueError(
+            f"{what + ': ' if what else ''}dtype {dtype.name} needs 64-bit JAX: call "
+            "jax.config.update('jax_enable_x64', True) first (without it JAX "
+            "silently stores it as a 32-bit type)")
+
+
+def check_x64(tree: Any, name: str) -> None:
+    """Refuse array leaves whose dtype JAX would silently narrow (float64, int64, ... without x64).
+
+    Python scalars are left alone: JAX gives them its default (weak) types.
+
+    Args:
+      tree: a pytree of arrays.
+      name: the argument's name, for the error message.
+
+    Raises:
+      ValueError: naming the first such leaf by its path.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if hasattr(leaf, "dtype"):
+            _check_canonical(np.dtype(leaf.dtype), f"{name}{jax.tree_util.keystr(path)}")
+
+
+def _as_array(x: Any) -> jax.Array:
+    """``x`` as a JAX array, refusing a dtype JAX would silently narrow."""
+    if hasattr(x, "dtype"):
+        _check_canonical(np.dtype(x.dtype), "x")
+    return jnp.asarray(x)
 
 
 def to_bits(x: jax.Array) -> jax.Array:
@@ -136,19 +166,19 @@ def _mask_like(x: jax.Array, bits) -> jax.Array:
 
 def flip_bits(x: jax.Array, bits) -> jax.Array:
     """Flip ``bits`` (a bit set, or an unsigned mask array) of every value of ``x``."""
-    x = jnp.asarray(x)
+    x = _as_array(x)
     return from_bits(to_bits(x) ^ _mask_like(x, bits), x.dtype)
 
 
 def set_bits(x: jax.Array, bits) -> jax.Array:
     """Force ``bits`` of every value of ``x`` to 1 (stuck-at-1)."""
-    x = jnp.asarray(x)
+    x = _as_array(x)
     return from_bits(to_bits(x) | _mask_like(x, bits), x.dtype)
 
 
 def clear_bits(x: jax.Array, bits) -> jax.Array:
     """Force ``bits`` of every value of ``x`` to 0 (stuck-at-0)."""
-    x = jnp.asarray(x)
+    x = _as_array(x)
     return from_bits(to_bits(x) & ~_mask_like(x, bits), x.dtype)
 
 

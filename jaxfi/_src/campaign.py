@@ -26,28 +26,34 @@ import dataclasses
 import functools
 import hashlib
 import os
-import types
+import platform
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jaxlib
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from jaxfi._src import executors as exec_lib
+from jaxfi._src import identity, stats
 from jaxfi._src import outcomes as outcomes_lib
-from jaxfi._src import stats
+from jaxfi._src.bits import check_x64
 from jaxfi._src.distributed import Layout
 from jaxfi._src.inject import Record
 from jaxfi._src.plan import Plan
 from jaxfi._src.record import record_table
 from jaxfi._src.sites import Site
-from jaxfi._src.store import CorruptChunkError, Store
-from jaxfi._src.trial import faulty, sites_of
+from jaxfi._src.store import CorruptChunkError, ForeignChunkError, Store
+from jaxfi._src.trial import Outputs, Trials, faulty, sites_of, trial_function
+from jaxfi._src.version import __version__
 
 _RECORD_COLUMN = "r{plan}.{field}"
 MAX_TRIALS = 2**31 - 1
+# Without x64 a PRNG key holds a 32-bit seed: larger seeds would alias smaller ones.
+SEEDS = 2**32
 
 
 class TrialResult(NamedTuple):
@@ -66,7 +72,9 @@ class Campaign:
     SDC-over-correct figures; ``plans`` is a Plan or a list of them, all
     applied in every trial; ``outcomes`` adds custom per-trial figures
     ``fn(golden_output, faulty_output, labels) -> {name: scalar}``.
-    The golden run is computed once, here.
+    ``seed`` is an integer in [0, 2**32). Arrays must keep their dtype in
+    JAX: 64-bit ones need ``jax_enable_x64``. The golden run is computed
+    once, here.
     """
 
     def __init__(self, apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any,
@@ -77,6 +85,10 @@ class Campaign:
             raise ValueError("Campaign needs at least one plan, e.g. jaxfi.Plan(jaxfi.Params())")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if not 0 <= seed < SEEDS:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+        check_x64(params, "params")
+        check_x64(inputs, "inputs")
         self.apply_fn, self.params, self.inputs, self.seed = apply_fn, params, inputs, int(seed)
         self.labels = None if labels is None else np.asarray(labels)
         self.golden = outcomes_lib.golden(jax.jit(apply_fn)(params, inputs), self.labels)
@@ -86,28 +98,40 @@ class Campaign:
         builtin = outcomes_lib.builtin_names(self.labels is not None)
         self._custom = outcomes_lib.custom_names(self._outcome_fns, self.golden, builtin)
         self.outcome_names: tuple[str, ...] = builtin + tuple(self._custom)
-        self._trials = exec_lib.Trials(exec_lib.trial_function(faulty(apply_fn, *self.plans)),
-                                       jax.random.key(self.seed), params, inputs,
-                                       apply_fn, self.plans)
+        self._trials = Trials(trial_function(faulty(apply_fn, *self.plans)),
+                              jax.random.key(self.seed), params, inputs, apply_fn, self.plans)
 
     @functools.cached_property
     def config(self) -> dict[str, Any]:
         """Everything that defines the results (a store refuses any other config).
 
-        The executor, chunk size and device count are left out: results do not
-        depend on them.
+        ``program`` fingerprints the jaxpr of ``apply_fn`` on these params and
+        inputs (``function`` is only a label); each plan carries the
+        fingerprint of its fault model's traced program; ``outcome_code``
+        fingerprints the custom outcome functions' code; ``data`` the
+        params, inputs and labels (with their shapes); ``versions`` the
+        software. The executor, chunk size and device count are left out:
+        results do not depend on them.
         """
-        import jaxfi
+        data = {"params": identity.arrays(self.params), "inputs": identity.arrays(self.inputs),
+                "labels": None if self.labels is None else identity.arrays(self.labels)}
         return {
-            "jaxfi": jaxfi.__version__,
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "function": _qualified(self.apply_fn),
+            "versions": {"jaxfi": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                         "numpy": np.__version__, "python": platform.python_version(),
+                         "backend": jax.default_backend()},
+            "function": identity.qualified(self.apply_fn),
+            "program": identity.program(self.apply_fn, self.params, self.inputs),
             "seed": self.seed,
-            "plans": [_describe(p) for p in self.plans],
+            "plans": [f"{identity.describe(p)}; fault program sha256 "
+                      f"{identity.fault_program(p.fault, (s.format for s in sites))}"
+                      for p, sites in zip(self.plans, self.sites)],
             "sites": [[s.name for s in sites] for sites in self.sites],
             "outcomes": list(self.outcome_names),
-            "data_sha256": _fingerprint(self.params, self.inputs, self.labels),
+            "outcome_code": [f"{identity.qualified(fn)} sha256 {identity.code(fn)}"
+                             for fn in self._outcome_fns],
+            "data": data,
+            "data_sha256": hashlib.sha256(" ".join(
+                str(d and d["sha256"]) for d in data.values()).encode()).hexdigest(),
         }
 
     def run(self, trials: int, *, executor: str | exec_lib.Executor = "auto",
@@ -184,19 +208,39 @@ class Campaign:
         return {"trial": np.arange(start, stop, dtype=np.int64), **columns}
 
     def load(self, store: str | os.PathLike) -> Result:
-        """The results already in ``store`` (created by this campaign's config)."""
-        parts = self._stored(Store(store, self.config), None)
+        """The results already in ``store``, which this campaign's config must have created.
+
+        Args:
+          store: the store's directory.
+
+        Returns:
+          A Result of the stored trials.
+
+        Raises:
+          FileNotFoundError: there is no store at ``store``.
+          ValueError: the store belongs to another campaign.
+        """
+        parts = self._stored(Store(store, self.config, create=False), None)
         return self._result(parts, "", None, False, None)
 
     def replay(self, index: int) -> TrialResult:
-        """Recompute trial ``index`` alone; equal bit for bit to its row in any run."""
+        """Recompute trial ``index`` alone; equal bit for bit to its row in any run.
+
+        Args:
+          index: a trial index in [0, 2**31 - 1].
+
+        Returns:
+          The trial's output, records and outcomes.
+        """
         index = _positive("index", index, 0)
+        if index > MAX_TRIALS:
+            raise ValueError(f"index must be at most {MAX_TRIALS} (int32 trial indices), got {index}")
         output, records = self._trials.replay(index)
         columns = self._columns((output[None], jax.tree.map(lambda a: a[None], records)))
         return TrialResult(index, output, records,
                            {name: columns[name][0].item() for name in self.outcome_names})
 
-    def _columns(self, out: exec_lib.Outputs) -> dict[str, np.ndarray]:
+    def _columns(self, out: Outputs) -> dict[str, np.ndarray]:
         """Per-trial columns of a chunk: outcomes, then every record array."""
         outputs, records = out
         columns = outcomes_lib.classification(self.golden, np.asarray(outputs))
@@ -211,6 +255,8 @@ class Campaign:
             return []
         try:
             arrays = db.load_arrays()
+        except ForeignChunkError:
+            raise  # its message already says how to recover
         except CorruptChunkError as err:
             raise CorruptChunkError(err.path, f"{err.problem}; move it aside with "
                                     "Store.quarantine and run again to recompute its trials") from err
@@ -255,7 +301,7 @@ class _Session:
     def name(self) -> str:
         return self._runner.name if self._runner is not None else ""
 
-    def compute(self, start: int, stop: int) -> exec_lib.Outputs:
+    def compute(self, start: int, stop: int) -> Outputs:
         if self._runner is not None:
             return self._runner(start, stop)
         trials = self._campaign._trials
@@ -316,7 +362,8 @@ class Result:
     ``records`` holds one Record per plan with arrays stacked by table row.
     ``executor`` names the executor used (the choice of "auto"), ``timings``
     what auto measured, ``stopped_early`` whether the margin was met before
-    the trial budget.
+    the trial budget. A Result whose table has truncated (``overflow``)
+    trials warns when it is made, and ``summary`` counts them per row.
     """
 
     table: pd.DataFrame
@@ -328,6 +375,14 @@ class Result:
     stopped_early: bool
     trials_requested: int | None
     custom_outcomes: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        truncated = int(self.table["overflow"].sum())
+        if truncated:
+            warnings.warn(
+                f"{truncated} of {len(self.table)} trials drew more faults than their plan's "
+                "cap and were truncated, so rates are biased low: raise the plan's max_faults "
+                "(or leave it out for the automatic cap)", UserWarning, stacklevel=3)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -343,6 +398,7 @@ class Result:
         "clopper_pearson". Per-input intervals treat inputs as independent,
         which they are not when one fault changes many of them: they are too
         narrow, and the per-trial rates are the ones to quote with intervals.
+        ``overflow`` counts the row's trials that were truncated at a cap.
         """
         keys = [by] if isinstance(by, str) else list(by or [])
         frames = []
@@ -357,7 +413,11 @@ class Result:
                     "lo": s[f"{name}_lo"], "hi": s[f"{name}_hi"]}))
         out = pd.concat(frames, ignore_index=True)
         out["half_width"] = (out["hi"] - out["lo"]) / 2
-        return out.set_index("outcome") if not keys else out
+        if not keys:
+            out["overflow"] = int(self.table["overflow"].sum())
+            return out.set_index("outcome")
+        truncated = self.table.groupby(keys)["overflow"].sum().rename("overflow").reset_index()
+        return out.merge(truncated, on=keys, how="left")
 
     def continuous(self, by: str | Sequence[str] | None = None,
                    confidence: float = 0.95) -> pd.DataFrame:
@@ -391,7 +451,11 @@ def fault_summary(records: Sequence[Record], sites: Sequence[Sequence[Site]]) ->
         index.append(np.asarray(record.index).astype(np.int64))
         bit.append(_single_bit(np.asarray(record.mask)))
         valid.append(np.asarray(record.valid))
-    sid, index, bit, valid = (np.concatenate(a, axis=1) for a in (sid, index, bit, valid))
+    # One blank slot more, so that trials of plans with count=0 still have a column.
+    blank = [np.full((len(valid[0]), 1), fill, a[0].dtype)
+             for a, fill in ((sid, -1), (index, -1), (bit, -1), (valid, False))]
+    sid, index, bit, valid = (np.concatenate(a + [b], axis=1)
+                              for a, b in zip((sid, index, bit, valid), blank))
     rows = np.arange(len(valid))
     has = valid.any(axis=1)
     first = np.argmax(valid, axis=1)
@@ -451,38 +515,3 @@ def _positive(name: str, value: Any, least: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     return int(value)
-
-
-def _qualified(fn: Any) -> str:
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{name}"
-
-
-def _describe(obj: Any) -> str:
-    """A repr that is stable across processes (functions by name, not address)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = ", ".join(f"{f.name}={_describe(getattr(obj, f.name))}"
-                           for f in dataclasses.fields(obj))
-        return f"{type(obj).__name__}({fields})"
-    if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
-        return _qualified(obj)
-    if isinstance(obj, functools.partial):
-        args = ", ".join([_describe(obj.func)] + [_describe(a) for a in obj.args]
-                         + [f"{k}={_describe(v)}" for k, v in sorted(obj.keywords.items())])
-        return f"partial({args})"
-    if isinstance(obj, (tuple, list)):
-        inner = ", ".join(_describe(x) for x in obj)
-        return f"({inner},)" if isinstance(obj, tuple) and len(obj) == 1 else (
-            f"({inner})" if isinstance(obj, tuple) else f"[{inner}]")
-    return repr(obj)
-
-
-def _fingerprint(params: Any, inputs: Any, labels: Any) -> str:
-    """SHA-256 over the paths, dtypes, shapes and bytes of params, inputs and labels."""
-    digest = hashlib.sha256()
-    for label, tree in (("params", params), ("inputs", inputs), ("labels", labels)):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            arr = np.asarray(leaf)
-            digest.update(f"{label}{jax.tree_util.keystr(path)} {arr.dtype.str} {arr.shape}\n".encode())
-            digest.update(arr.tobytes())
-    return digest.hexdigest()

@@ -103,8 +103,17 @@ def golden(logits: Any, labels: Any = None) -> Golden:
             raise ValueError(
                 f"labels must be integers of shape ({matrix.shape[0]},) (one class per "
                 f"input), got {labels.dtype}{list(labels.shape)}")
+        _check_classes(labels, matrix.shape[1])
         correct = top5[:, 0] == labels
     return Golden(output, matrix, labels, top5[:, 0], top5, correct)
+
+
+def _check_classes(labels: np.ndarray, classes: int) -> None:
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"labels must be classes in [0, {classes}) for {classes} outputs per "
+                         f"input, got {labels[i]} at input {i} ({int(bad.sum())} out of range)")
 
 
 def builtin_names(labelled: bool) -> tuple[str, ...]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
@@ -31,7 +33,13 @@ class Plan:
     Give at most one of ``count`` (exact faults per trial), ``ber`` (bit error
     rate over the selected bits: each bit flips independently) or
     ``value_rate`` (each selected value is hit independently). The default is
-    ``count=1``. ``max_faults`` overrides the static cap for rates.
+    ``count=1``. ``max_faults`` overrides the static cap for rates (a trial
+    that draws more is truncated and flagged ``overflow``). The cap never
+    exceeds the population, so a rate of 1 hits every element.
+
+    Numbers may be Python or numpy scalars; they are stored as ``int`` and
+    ``float``. Booleans, non-integer counts and caps, and rates outside
+    [0, 1] (NaN included) are refused here, naming the field.
 
     The population is explicit: for single-bit fault models (``BitFlip(n=1)``,
     ``StuckAt(n=1)``) it is every allowed bit of every selected site, so a site
@@ -57,17 +65,26 @@ class Plan:
             raise ValueError(f"give only one of count, ber, value_rate; got {given}")
         if not given:
             object.__setattr__(self, "count", 1)
-        if self.count is not None and (not isinstance(self.count, (int, np.integer)) or self.count < 0):
+        for name, value in (("count", self.count), ("max_faults", self.max_faults)):
+            object.__setattr__(self, name, _integer(name, value))
+        for name in ("ber", "value_rate"):
+            object.__setattr__(self, name, probability(name, getattr(self, name)))
+        if self.count is not None and self.count < 0:
             raise ValueError(f"count must be a non-negative integer, got {self.count!r}")
-        for rate in ("ber", "value_rate"):
-            value = getattr(self, rate)
-            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise ValueError(f"{rate} must be a probability in [0, 1], got {value!r}")
         if self.ber is not None and self.fault.granularity != "bit":
             raise ValueError(
                 f"ber needs a single-bit fault model (BitFlip(n=1) or StuckAt(n=1)), got {self.fault!r}")
-        if self.max_faults is not None and self.max_faults < 1:
-            raise ValueError(f"max_faults must be >= 1, got {self.max_faults!r}")
+        self._check_max_faults()
+
+    def _check_max_faults(self) -> None:
+        if self.max_faults is None:
+            return
+        if self.count is not None:
+            raise ValueError(f"max_faults caps a rate (ber or value_rate); with count={self.count} "
+                             f"the number of faults is exact, so leave max_faults out "
+                             f"(got max_faults={self.max_faults})")
+        if not 1 <= self.max_faults <= MAX_CAP:
+            raise ValueError(f"max_faults must be an integer in [1, {MAX_CAP}], got {self.max_faults!r}")
 
     @property
     def kind(self) -> str:
@@ -81,6 +98,38 @@ class Plan:
     def population(self, candidates: Sequence[Site]) -> Population:
         """Resolve this plan against candidate sites (cached per plan and sites)."""
         return _population(self, tuple(candidates))
+
+
+def probability(name: str, value: Any) -> float | None:
+    """``value`` as a float in [0, 1] (None stays None), or an error naming ``name``.
+
+    Args:
+      name: the argument's name, for the error message.
+      value: None, or a real number (Python or numpy; not a bool).
+
+    Returns:
+      None or the probability as a Python float.
+
+    Raises:
+      TypeError: ``value`` is a bool or not a real number.
+      ValueError: ``value`` is NaN or outside [0, 1].
+    """
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number in [0, 1], got {value!r} "
+                        f"({type(value).__name__})")
+    if not 0.0 <= float(value) <= 1.0:  # also refuses NaN
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,12 +199,14 @@ def _binomial_thresholds(n: int, p: float, cap: int | None) -> tuple[int, np.nda
     (unlike jax.random.binomial, whose variance is wrong for huge n).
     """
     if cap is None:
-        cap = int(sps.binom.isf(TAIL_PROBABILITY, n, p)) + 1 if p > 0 else 1
-        cap = max(cap, 1)
-        if cap > MAX_CAP:
-            raise ValueError(
-                f"rate {p} over {n} population elements expects {n * p:.3g} faults per "
-                f"trial (cap {cap} > {MAX_CAP}); use a lower rate or fewer sites")
+        cap = max(int(sps.binom.isf(TAIL_PROBABILITY, n, p)) + 1 if p > 0 else 1, 1)
+    # A trial never draws more faults than the population holds elements, so
+    # the cap of a rate that can hit every element is the population size.
+    cap = min(cap, n)
+    if cap > MAX_CAP:
+        raise ValueError(
+            f"rate {p} over {n} population elements expects {n * p:.3g} faults per "
+            f"trial (cap {cap} > {MAX_CAP}); use a lower rate or fewer sites")
     sf = sps.binom.sf(np.arange(cap + 1), n, p)
     scaled = np.floor(np.clip(sf, 0.0, 1.0) * 2.0**64)
     as_int = np.array([min(int(x), 2**64 - 1) for x in scaled], dtype=np.uint64)

@@ -8,17 +8,25 @@ Layout of a store directory::
     .tmp-*                                in-flight writes; readers ignore them
 
 * The config is a JSON-serialisable mapping (string keys; tuples are stored
-  as lists; NaN and infinity are refused). Reopening a store with a config
-  whose canonical JSON differs is an error that lists the differing keys.
+  as lists; NaN and infinity are refused). Its identity, ``config_hash``, is
+  the SHA-256 of its canonical JSON. Reopening a store with a config whose
+  canonical JSON differs is an error that names each differing key with
+  the part of both values where they differ.
+* The manifest is created atomically and exclusively (a hard link of a
+  complete temporary file): of two creators with different configs one
+  wins and the other gets that error; nothing mixes. A directory with
+  chunks but no manifest is refused: nothing ties those chunks to a config.
 * Every file is written to a unique temporary name, fsynced and renamed into
   place, so a reader sees a whole file or none. Only process 0 writes the
   manifest; every process writes its own disjoint chunks, so no other file
   is shared between processes.
-* A chunk is an uncompressed npz (no pickles) with one member per column and
-  a member "__sha256__": a SHA-256 over the chunk's range and, per column in
-  name order, its name, dtype, shape and raw bytes. A truncated, corrupted or
-  renamed chunk fails that check, or fails to parse, and raises
-  `CorruptChunkError` naming the file.
+* A chunk is an uncompressed npz (no pickles) with one member per column, a
+  member "__campaign__" (the config_hash of the store that wrote it) and a
+  member "__sha256__": a SHA-256 over the campaign, the chunk's range and,
+  per column in name order, its name, dtype, shape and raw bytes. A
+  truncated, corrupted or renamed chunk fails that check, or fails to
+  parse, and raises `CorruptChunkError` naming the file; an intact chunk of
+  another campaign (copied in) raises `ForeignChunkError`.
 * Columns keep their dtype exactly. A column may be N-D (a fixed-shape array
   per trial, such as a fault record): `load_arrays` stacks it by trial,
   `load` puts it in an object column holding one array per trial.
@@ -43,11 +51,15 @@ from typing import Any, BinaryIO
 import numpy as np
 import pandas as pd
 
-FORMAT = "jaxfi-store-1"
+FORMAT = "jaxfi-store-2"  # 2: chunks carry their campaign
 _CHUNK_NAME = re.compile(r"^(\d{12})-(\d{12})\.npz$")
 _COLUMN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 _TMP_PREFIX = ".tmp-"
 _DIGEST = "__sha256__"
+_CAMPAIGN = "__campaign__"
+_EXCERPT = 60  # characters of each side shown for a differing config value
+_CONTEXT = 20  # of them before the first difference (more to reach a whole word)
+_BREAKS = frozenset(" ,;([{\"'=")
 _MAX_STOP = 10**12 - 1  # file names hold 12 digits
 _MISSING = object()
 
@@ -59,6 +71,10 @@ class CorruptChunkError(ValueError):
         super().__init__(f"corrupt chunk {path}: {problem}")
         self.path = Path(path)
         self.problem = problem
+
+
+class ForeignChunkError(CorruptChunkError):
+    """An intact chunk written by another campaign (copied in from another store)."""
 
 
 # ------------------------------------------------------------------- config
@@ -75,9 +91,24 @@ def canonical_json(config: Mapping[str, Any]) -> str:
         raise type(e)(f"config must be JSON-serialisable without NaN/inf: {e}") from None
 
 
-def _short(value: Any) -> str:
-    text = "<absent>" if value is _MISSING else json.dumps(value, sort_keys=True)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _text(value: Any) -> str:
+    return "<absent>" if value is _MISSING else json.dumps(value, sort_keys=True)
+
+
+def _excerpts(old: str, new: str) -> tuple[str, str]:
+    """Both texts, or windows of them that start just before their first difference."""
+    if len(old) <= _EXCERPT and len(new) <= _EXCERPT:
+        return old, new
+    same = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+    start = max(0, same - _CONTEXT)
+    while start > 0 and old[start - 1] not in _BREAKS:  # start at a whole word
+        start -= 1
+
+    def window(text: str) -> str:
+        piece = text[start:start + _EXCERPT]
+        return ("..." if start else "") + piece + ("..." if start + _EXCERPT < len(text) else "")
+
+    return window(old), window(new)
 
 
 def differences(old: Any, new: Any, key: str = "") -> list[str]:
@@ -93,7 +124,10 @@ def differences(old: Any, new: Any, key: str = "") -> list[str]:
     # Compare as JSON text: 1 == 1.0 == True in Python, but not in the hash.
     same = old is not _MISSING and new is not _MISSING and \
         json.dumps(old, sort_keys=True) == json.dumps(new, sort_keys=True)
-    return [] if same else [f"{key or '<config>'}: {_short(old)} -> {_short(new)}"]
+    if same:
+        return []
+    before, after = _excerpts(_text(old), _text(new))
+    return [f"{key or '<config>'}: {before} -> {after}"]
 
 
 # --------------------------------------------------------------------- files
@@ -123,8 +157,8 @@ def _atomic_write(dest: Path, write: Callable[[BinaryIO], None], tag: str) -> No
     _fsync_dir(dest.parent)
 
 
-def _digest(start: int, stop: int, columns: Mapping[str, np.ndarray]) -> str:
-    h = hashlib.sha256(f"jaxfi-chunk {start} {stop}\n".encode())
+def _digest(campaign: str, start: int, stop: int, columns: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.sha256(f"jaxfi-chunk {campaign} {start} {stop}\n".encode())
     for name in sorted(columns):
         arr = np.ascontiguousarray(columns[name])
         descr = np.lib.format.dtype_to_descr(arr.dtype)  # field names too
@@ -152,19 +186,31 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise CorruptChunkError(path, f"unreadable npz ({type(e).__name__}: {e})") from e
 
 
-def _read_chunk(path: Path, start: int, stop: int, verify: bool) -> dict[str, np.ndarray]:
-    """A chunk's columns, checked for shape and (if `verify`) checksum."""
+def _text_member(path: Path, columns: dict[str, np.ndarray], name: str, what: str) -> str:
+    value = columns.pop(name, None)
+    if value is None or value.shape != () or value.dtype.kind != "U":
+        raise CorruptChunkError(path, f"no {name} {what} member")
+    return str(value)
+
+
+def _read_chunk(path: Path, start: int, stop: int, verify: bool,
+                campaign: str) -> dict[str, np.ndarray]:
+    """A chunk's columns, checked for shape, campaign and (if `verify`) checksum."""
     columns = _read_npz(path)
-    stored = columns.pop(_DIGEST, None)
-    if stored is None or stored.shape != () or stored.dtype.kind != "U":
-        raise CorruptChunkError(path, f"no {_DIGEST} checksum member")
+    stored = _text_member(path, columns, _DIGEST, "checksum")
+    owner = _text_member(path, columns, _CAMPAIGN, "campaign identity")
     for name, arr in columns.items():
         if arr.ndim == 0 or len(arr) != stop - start:
             raise CorruptChunkError(
                 path, f"column {name!r} has shape {arr.shape}, expected "
                       f"{stop - start} rows for trials [{start}, {stop})")
-    if verify and _digest(start, stop, columns) != str(stored):
+    if verify and _digest(owner, start, stop, columns) != stored:
         raise CorruptChunkError(path, "checksum mismatch: contents changed after writing")
+    if owner != campaign:
+        raise ForeignChunkError(
+            path, f"written by another campaign (config_hash {owner[:12]}...), not this "
+                  f"store's ({campaign[:12]}...): it was copied in from another store. Move it "
+                  "aside with Store.quarantine, or start a new store")
     return columns
 
 
@@ -202,24 +248,26 @@ class Store:
     """A directory of campaign results, one npz file per range of trials.
 
     `config` (JSON-serialisable) identifies the campaign: process 0 writes it
-    to manifest.json on first use, and every later open must match it.
-    Processes other than 0 wait up to `manifest_timeout` seconds for process
-    0 to create the manifest.
+    to manifest.json on first use (unless `create` is False), and every later
+    open must match it. Processes other than 0 wait up to `manifest_timeout`
+    seconds for process 0 to create the manifest.
     """
 
     def __init__(self, path: str | os.PathLike, config: Mapping[str, Any], *,
-                 process_index: int = 0, manifest_timeout: float = 60.0):
+                 process_index: int = 0, manifest_timeout: float = 60.0,
+                 create: bool = True):
         self.path = Path(path)
         self.process_index = _check_index("process_index", process_index)
         if self.process_index < 0:
             raise ValueError(f"process_index must be >= 0, got {process_index!r}")
-        text = canonical_json(config)
-        self.config: dict[str, Any] = json.loads(text)
-        self.config_hash = hashlib.sha256(text.encode()).hexdigest()
+        self.config: dict[str, Any] = json.loads(canonical_json(config))
+        self.config_hash = Store.identity(config)
         self._manifest = self.path / "manifest.json"
         self._chunk_dir = self.path / "chunks"
+        if not create and not self._manifest.exists():
+            raise FileNotFoundError(f"no store at {self.path}: it has no manifest.json")
         if self.process_index == 0 and not self._manifest.exists():
-            self._write_manifest()
+            self._create()
         else:
             self._check_manifest(self._read_manifest(manifest_timeout))
         self._chunk_dir.mkdir(exist_ok=True)
@@ -227,14 +275,43 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, config_hash={self.config_hash[:12]!r})"
 
+    @staticmethod
+    def identity(config: Mapping[str, Any]) -> str:
+        """The campaign identity of a config: the SHA-256 of its canonical JSON.
+
+        Args:
+          config: a JSON-serialisable mapping.
+
+        Returns:
+          64 hex digits; every chunk of a store carries its store's.
+        """
+        return hashlib.sha256(canonical_json(config).encode()).hexdigest()
+
     # manifest
 
-    def _write_manifest(self) -> None:
+    def _create(self) -> None:
+        """Create the manifest unless another creator wins; then check theirs."""
         self.path.mkdir(parents=True, exist_ok=True)
+        orphans = list(self._chunk_dir.glob("*.npz")) if self._chunk_dir.is_dir() else []
+        if orphans and not self._manifest.exists():
+            raise ValueError(
+                f"store {self.path} holds {len(orphans)} chunk file(s) but no manifest.json, "
+                "so nothing ties them to a config and they are not used. Start a new store "
+                f"(another path), or quarantine them by moving {self._chunk_dir} aside "
+                f"(e.g. to {self.path / 'quarantine' / 'orphans'}) and run again")
         body = json.dumps({"format": FORMAT, "config": self.config,
                            "config_hash": self.config_hash},
                           sort_keys=True, indent=1, ensure_ascii=False)
-        _atomic_write(self._manifest, lambda f: f.write(body.encode()), self._tag)
+        tmp = self.path / f"{_TMP_PREFIX}manifest-{self._tag}-{uuid.uuid4().hex[:8]}"
+        _atomic_write(tmp, lambda f: f.write(body.encode()), self._tag)
+        try:
+            # A hard link never replaces an existing file: exactly one creator wins.
+            os.link(tmp, self._manifest)
+        except FileExistsError:
+            self._check_manifest(self._read_manifest(0.0))
+        finally:
+            tmp.unlink()
+        _fsync_dir(self.path)
 
     def _read_manifest(self, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -252,8 +329,9 @@ class Store:
     def _check_manifest(self, manifest: dict[str, Any]) -> None:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             found = manifest.get("format") if isinstance(manifest, dict) else manifest
-            raise ValueError(f"store {self.path}: manifest format is {found!r}, "
-                             f"expected {FORMAT!r}")
+            raise ValueError(f"store {self.path}: manifest format is {found!r}, expected "
+                             f"{FORMAT!r}; a store of another format cannot be resumed: "
+                             "use a new path (or the jaxfi version that wrote it)")
         old = manifest.get("config")
         if not isinstance(old, dict) or canonical_json(old) != canonical_json(self.config):
             diffs = differences(old, self.config)
@@ -305,7 +383,8 @@ class Store:
         clashes = [str(p) for a, b, p in self._chunks() if a < stop and start < b]
         if clashes:
             raise ValueError(f"trials [{start}, {stop}) overlap stored chunks {clashes}")
-        arrays[_DIGEST] = np.array(_digest(start, stop, arrays))
+        digest = _digest(self.config_hash, start, stop, arrays)
+        arrays[_CAMPAIGN], arrays[_DIGEST] = np.array(self.config_hash), np.array(digest)
         dest = self._chunk_dir / f"{start:012d}-{stop:012d}.npz"
         _atomic_write(dest, lambda f: _write_npz(f, arrays), self._tag)
         return dest
@@ -342,7 +421,7 @@ class Store:
         """
         parts, schema, first = [], None, None
         for start, stop, path in self._chunks():
-            columns = _read_chunk(path, start, stop, verify)
+            columns = _read_chunk(path, start, stop, verify, self.config_hash)
             if schema is None:
                 schema, first = _schema(columns), path
             elif _schema(columns) != schema:
@@ -373,7 +452,7 @@ class Store:
         problems = []
         for start, stop, path in self._chunks():
             try:
-                _read_chunk(path, start, stop, verify=True)
+                _read_chunk(path, start, stop, True, self.config_hash)
             except CorruptChunkError as e:
                 problems.append(e)
         return problems
