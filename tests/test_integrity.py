@@ -232,6 +232,15 @@ def test_caps_never_exceed_the_population(plan):
         assert int(record.count) == 10 and not np.asarray(faulty["b"]).any()
 
 
+def test_a_dense_rate_over_a_large_population_runs():
+    params = {"b": jnp.ones(70_000, jnp.float32)}  # over the old 65,536-element dense limit
+    plan = jaxfi.Plan(jaxfi.Params("b"), jaxfi.Zero(), value_rate=0.5)
+    faulty, record = jax.jit(jaxfi.inject, static_argnums=2)(jax.random.key(0), params, plan)
+    hits = int(record.count)
+    assert 34_000 < hits < 36_000 and not bool(record.overflow)  # mean 35,000, sd 132
+    assert int((np.asarray(faulty["b"]) == 0).sum()) == hits  # distinct values
+
+
 def test_count_zero_gives_zero_fault_trials():
     r = _sign_campaign(jaxfi.Plan(jaxfi.Params(), count=0)).run(trials=3, executor="loop",
                                                                 quiet=True)

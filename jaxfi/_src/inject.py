@@ -25,9 +25,9 @@ from jaxfi._src.plan import Plan, Population
 from jaxfi._src.sites import Site, param_sites
 
 # Populations this small are sampled by an exact permutation; larger ones by
-# drawing with replacement and keeping the first distinct draws.
+# drawing with replacement and keeping the first distinct draws, unless the
+# cap is over an eighth of the population (then too many draws would repeat).
 SMALL_POPULATION = 4096
-DENSE_LIMIT = 65536
 # Dtypes whose scatter is bit-exact on every backend we test. Emulated formats
 # (bfloat16, float8) are converted through float32 by XLA:CPU, which quiets
 # signalling NaNs, so they are scattered as unsigned integers instead.
@@ -166,14 +166,11 @@ def _extra_draws(m: int, total: int) -> int:
 def _placements(key: jax.Array, pop: Population, m: int):
     """Up to ``m`` distinct (site, index, slot) placements and how many are distinct."""
     total = pop.total
-    if total <= SMALL_POPULATION or (m > total // 8 and total <= DENSE_LIMIT):
+    if total <= SMALL_POPULATION or m > total // 8:
+        # m <= MAX_CAP, so a dense population has under 8 * MAX_CAP elements.
         flat = jax.random.permutation(key, total)[:m].astype(jnp.int32)
         site, index, slot = _from_flat(flat, pop)
         return site, index, slot, jnp.asarray(m, jnp.int32)
-    if m > total // 8:
-        raise ValueError(
-            f"{m} faults per trial in a population of {total} is too dense for "
-            "sparse sampling; lower the rate or select more sites")
     site, index, slot = _draws(key, pop, m + _extra_draws(m, total))
     if m == 1:
         return site, index, slot, jnp.asarray(1, jnp.int32)
