@@ -194,7 +194,10 @@ def test_restrict_keeps_site_names_and_composes_with_vmap():
     params = {"scale": jnp.float32(3.0)}
     x = jnp.linspace(-1, 1, 12).reshape(3, 4)
     restricted = jaxfi.restrict(relu_scaled, {SITE: (0.0, 1.5)})
-    names = lambda fn: [s.name for s in jaxfi.activation_sites(fn, params, x)]
+
+    def names(fn):
+        return [s.name for s in jaxfi.activation_sites(fn, params, x)]
+
     extra = [s for s in jaxfi.activation_sites(restricted, params, x) if s.name not in names(relu_scaled)]
     assert set(names(relu_scaled)) <= set(names(restricted))
     assert extra and all(s.scope.endswith("jaxfi") for s in extra)

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.stats import binom
+from scipy.stats import t as t_dist
 
-from jaxfi._src import stats
+from jaxfi import stats
 
 Z95 = 1.959963984540054  # standard normal 0.975 quantile
 
@@ -144,13 +145,30 @@ def test_rate_summary_scalar_and_array():
         stats.rate_summary(1, 2, method="wald")
 
 
-def test_mean_ci_drops_non_finite():
-    s = stats.mean_ci([1.0, 2.0, 3.0, np.inf, np.nan])
+def test_mean_interval_is_student_t_and_drops_non_finite():
+    s = stats.mean_interval([1.0, 2.0, 3.0, np.inf, np.nan])
     assert s["n"] == 3 and s["mean"] == 2.0
-    assert s["half_width"] == pytest.approx(Z95 / math.sqrt(3))  # std = 1
-    one = stats.mean_ci([5.0])
+    assert s["half_width"] == pytest.approx(t_dist.ppf(0.975, 2) / math.sqrt(3))  # std = 1
+    one = stats.mean_interval([5.0])
     assert one["mean"] == 5.0 and np.isnan(one["lo"])
-    assert np.isnan(stats.mean_ci([])["mean"])
+    assert np.isnan(stats.mean_interval([])["mean"])
+
+
+def _mean_lo_hi(values, **kwargs):
+    s = stats.mean_interval(values, **kwargs)
+    return s["mean"], s["lo"], s["hi"]
+
+
+def test_mean_interval_is_student_t_clipped_and_nan_safe():
+    x = np.array([0.1, 0.3, 0.2, 0.6, np.inf])
+    mean, lo, hi = _mean_lo_hi(x)
+    finite = x[:4]
+    half = t_dist.ppf(0.975, 3) * finite.std(ddof=1) / 2
+    assert (mean, lo, hi) == pytest.approx((0.3, 0.3 - half, 0.3 + half))
+    assert _mean_lo_hi(x, bounds=(0.0, 0.5))[1:] == pytest.approx((max(0.0, 0.3 - half), 0.5))
+    mean, lo, hi = _mean_lo_hi([0.2, 0.2, 0.2])
+    assert mean == pytest.approx(0.2) and hi - lo == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(_mean_lo_hi([0.5])[1]) and math.isnan(_mean_lo_hi([np.nan])[0])
 
 
 def _trials():
@@ -169,8 +187,8 @@ def _trials():
                          "batch": 8})
 
 
-def test_summarize_per_stratum():
-    out = stats.summarize(_trials(), ["sdc", "due"], by=["layer"],
+def test_stratified_rates_per_stratum():
+    out = stats.stratified_rates(_trials(), ["sdc", "due"], by=["layer"],
                           continuous=["deviation"])
     assert list(out["layer"]) == ["a", "b"]
     assert list(out["trials"]) == [100, 50]
@@ -181,44 +199,44 @@ def test_summarize_per_stratum():
     # The DUE trial's infinite deviation is left out of the mean.
     assert list(out["deviation_n"]) == [100, 49]
     assert out["deviation_mean"][0] == pytest.approx(49.5)
-    expected = stats.mean_ci(np.arange(100.0))
+    expected = stats.mean_interval(np.arange(100.0))
     assert out["deviation_lo"][0] == pytest.approx(expected["lo"])
 
 
-def test_summarize_overall_and_counts():
+def test_stratified_rates_overall_and_counts():
     table = _trials()
-    out = stats.summarize(table, ["sdc"], method="clopper_pearson")
+    out = stats.stratified_rates(table, ["sdc"], method="clopper_pearson")
     assert len(out) == 1 and out["trials"][0] == 150 and out["sdc_k"][0] == 3
     assert out["sdc_hi"][0] == stats.clopper_pearson(3, 150)[1]
-    by_int = stats.summarize(table, ["wrong"], denominator=8)
-    by_col = stats.summarize(table, ["wrong"], denominator="batch")
+    by_int = stats.stratified_rates(table, ["wrong"], denominator=8)
+    by_col = stats.stratified_rates(table, ["wrong"], denominator="batch")
     assert by_int.equals(by_col)
     assert (by_int["wrong_k"][0], by_int["wrong_n"][0]) == (6, 1200)
-    empty = stats.summarize(table.iloc[:0], ["sdc"])
+    empty = stats.stratified_rates(table.iloc[:0], ["sdc"])
     assert empty["trials"][0] == 0 and (empty["sdc_lo"][0], empty["sdc_hi"][0]) == (0, 1)
 
 
-def test_summarize_validation():
+def test_stratified_rates_validation():
     table = _trials()
     with pytest.raises(ValueError, match="'wrong'.*0/1"):
-        stats.summarize(table, ["wrong"])
+        stats.stratified_rates(table, ["wrong"])
     with pytest.raises(ValueError, match="missing_col"):
-        stats.summarize(table, ["missing_col"])
+        stats.stratified_rates(table, ["missing_col"])
     with pytest.raises(ValueError, match="exceeds its denominator"):
-        stats.summarize(table, ["wrong"], denominator=3)
+        stats.stratified_rates(table, ["wrong"], denominator=3)
     with pytest.raises(ValueError, match="confidence"):
-        stats.summarize(table, ["sdc"], confidence=95)
+        stats.stratified_rates(table, ["sdc"], confidence=95)
     with pytest.raises(ValueError, match="collide"):
-        stats.summarize(table.assign(sdc_k=1), ["sdc"], by=["sdc_k"])
+        stats.stratified_rates(table.assign(sdc_k=1), ["sdc"], by=["sdc_k"])
     with pytest.raises(ValueError, match="collide"):
-        stats.summarize(table, ["sdc"], by=["layer"], continuous=["layer"])
+        stats.stratified_rates(table, ["sdc"], by=["layer"], continuous=["layer"])
 
 
 def test_converged():
     assert stats.converged((3, 1000), margin=0.01)
     assert not stats.converged((3, 1000), margin=0.001)
     assert stats.converged(stats.rate_summary(3, 1000), margin=0.01)
-    summary = stats.summarize(_trials(), ["sdc"], by=["layer"])
+    summary = stats.stratified_rates(_trials(), ["sdc"], by=["layer"])
     assert stats.converged(summary, margin=0.05)  # widest: 0 of 50, 0.036
     assert not stats.converged(summary, margin=0.03)
     assert not stats.converged((np.array([0]), np.array([0])), margin=0.9)

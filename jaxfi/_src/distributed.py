@@ -27,24 +27,27 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-from absl import flags
 from jax.experimental import multihost_utils
 
+from jaxfi._src.extras import require
 from jaxfi._src.store import canonical_json, differences
+
+if TYPE_CHECKING:
+    from absl import flags
 
 Columns = dict[str, np.ndarray]
 
 _FLAGS = (
-    ("coordinator_address", flags.DEFINE_string,
+    ("coordinator_address", "DEFINE_string",
      "host:port of process 0's coordinator. Unset: taken from the cluster JAX detects "
      "(Slurm, Open MPI, Cloud TPU pod) or JAX_COORDINATOR_ADDRESS; none of them: one process.", {}),
-    ("num_processes", flags.DEFINE_integer,
+    ("num_processes", "DEFINE_integer",
      "Number of processes (unset: from the cluster).", {"lower_bound": 1}),
-    ("process_id", flags.DEFINE_integer,
+    ("process_id", "DEFINE_integer",
      "This process's index, 0 .. num_processes - 1 (unset: from the cluster).", {"lower_bound": 0}),
 )
 
@@ -85,15 +88,31 @@ def _cluster_processes() -> int | None:
     return None
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    """Define --coordinator_address, --num_processes and --process_id (skipping defined ones)."""
+def define_flags(flag_values: flags.FlagValues | None = None) -> None:
+    """Define --coordinator_address, --num_processes and --process_id (skipping defined ones).
+
+    Args:
+      flag_values: where to define them; absl's global ``FLAGS`` by default.
+
+    Raises:
+      ImportError: absl-py is not installed (the ``experiments`` extra).
+    """
+    absl_flags = require("absl.flags", "experiments")
+    flag_values = absl_flags.FLAGS if flag_values is None else flag_values
     for name, define, help_text, bounds in _FLAGS:
         if name not in flag_values:
-            define(name, None, help_text, flag_values=flag_values, **bounds)
+            getattr(absl_flags, define)(name, None, help_text, flag_values=flag_values, **bounds)
 
 
-def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS, **options: Any) -> None:
-    """``initialize`` with the values of the flags from ``define_flags``."""
+def initialize_from_flags(flag_values: flags.FlagValues | None = None, **options: Any) -> None:
+    """``initialize`` with the values of the flags from ``define_flags``.
+
+    Args:
+      flag_values: the parsed flags; absl's global ``FLAGS`` by default.
+      **options: passed to ``jax.distributed.initialize``.
+    """
+    if flag_values is None:
+        flag_values = require("absl.flags", "experiments").FLAGS
     initialize(flag_values.coordinator_address, flag_values.num_processes,
                flag_values.process_id, **options)
 

@@ -28,17 +28,29 @@ next step draws new faults.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxfi._src.inject import Record
 from jaxfi._src.plan import Plan
 from jaxfi._src.trial import faulty
 
 LossFn = Callable[[Any, Any, Any], tuple[jax.Array, Any]]
+
+
+class Optimizer(Protocol):
+    """What a step needs of an optimiser: an ``optax.GradientTransformation`` has it.
+
+    jaxfi's core does not depend on optax; any object with these two methods works.
+    """
+
+    def init(self, params: Any) -> Any:
+        """The optimiser state for ``params``."""
+
+    def update(self, updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        """(updates, new state) from gradients ``updates``."""
 
 
 class TrainState(NamedTuple):
@@ -60,19 +72,34 @@ class StepInfo(NamedTuple):
     records: tuple[Record, ...]
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation,
-               model_state: Any = ()) -> TrainState:
-    """The state before step 0."""
+def init_state(params: Any, optimizer: Optimizer, model_state: Any = ()) -> TrainState:
+    """The state before step 0.
+
+    Args:
+      params: the trainable parameters.
+      optimizer: an ``optax.GradientTransformation`` (or any ``Optimizer``).
+      model_state: non-trainable collections such as BatchNorm statistics.
+
+    Returns:
+      A ``TrainState`` at step 0.
+    """
     return TrainState(params, optimizer.init(params), model_state, jnp.zeros((), jnp.int32))
 
 
-def fault_aware_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+def fault_aware_step(loss_fn: LossFn, optimizer: Optimizer,
                      *plans: Plan) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, StepInfo]]:
     """A jitted ``step(state, batch, key) -> (state, info)`` that trains under ``plans``' faults.
 
-    ``loss_fn(params, batch, model_state) -> (loss, new_model_state)``. With no
-    plans (or plans that place no fault: ``count=0``, ``ber=0.0``) the step is
-    bitwise the plain optax step. See the module notes for the gradients.
+    With no plans (or plans that place no fault: ``count=0``, ``ber=0.0``) the
+    step is bitwise the plain optax step. See the module notes for the gradients.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, model_state) -> (loss, new_model_state)``.
+      optimizer: an ``optax.GradientTransformation`` (or any ``Optimizer``).
+      *plans: the fault plans every step's forward pass runs under.
+
+    Returns:
+      The jitted step function.
     """
     forward = faulty(loss_fn, *plans) if plans else _fault_free(loss_fn)
 
@@ -86,7 +113,7 @@ def fault_aware_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         value_and_grad = jax.value_and_grad(objective, has_aux=True)
         (loss, (model_state, records)), grads = value_and_grad(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = _apply_updates(state.params, updates)
         applied = jnp.isfinite(loss) & _all_finite(grads)
         # cond, not jnp.where: a select fuses with the ops that compute the new
         # state and changes their rounding (BatchNorm running means), so the
@@ -101,6 +128,11 @@ def fault_aware_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 def _fault_free(loss_fn: LossFn) -> Callable[..., Any]:
     """``loss_fn`` in ``faulty``'s calling convention, with no plans and no records."""
     return lambda key, *args: (loss_fn(*args), ())
+
+
+def _apply_updates(params: Any, updates: Any) -> Any:
+    """``params + updates`` in each leaf's dtype, as ``optax.apply_updates`` computes it."""
+    return jax.tree.map(lambda p, u: jnp.asarray(p + u).astype(jnp.asarray(p).dtype), params, updates)
 
 
 def _all_finite(tree: Any) -> jax.Array:

@@ -23,19 +23,51 @@ Granularity = str  # "bit" or "value"
 
 
 class FaultModel:
-    """Base class: subclasses implement ``apply_raw``."""
+    """Base class of the fault models.
+
+    Every model implements ``apply_raw``. A model whose ``granularity`` is
+    ``"bit"`` is sampled over individual bits (a ``ber`` plan draws bits, not
+    values), and injection then needs two more methods from it: ``positions``,
+    the bits it may hit, and ``combine``, which applies the drawn bits to a
+    value (one call per value, with every drawn bit of that value in the mask).
+    """
 
     granularity: Granularity = "value"
 
     def validate(self, fmt: Format) -> None:
-        """Raise a ValueError if this model cannot act on ``fmt``."""
+        """Raises a ValueError if this model cannot act on ``fmt``."""
 
     def apply_raw(self, key: jax.Array, raw: jax.Array, fmt: Format) -> tuple[jax.Array, jax.Array]:
-        """Corrupt raw bits ``raw`` of format ``fmt``; return (new raw, targeted bit mask)."""
+        """Corrupts every value of ``raw``.
+
+        Args:
+          key: the PRNG key of this fault.
+          raw: the raw bits (unsigned integers of the format's width).
+          fmt: the format of the values.
+
+        Returns:
+          (new raw bits, the mask of the bits targeted per value).
+        """
         raise NotImplementedError
 
+    def positions(self, fmt: Format) -> tuple[int, ...]:
+        """The bit positions a bit-granular model may hit in ``fmt`` (bit 0 is the least significant).
+
+        Raises:
+          NotImplementedError: the model is not bit-granular.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not a bit-granular fault model")
+
+    def combine(self, raw: jax.Array, mask: jax.Array) -> jax.Array:
+        """Applies the drawn bits ``mask`` to the raw bits ``raw`` (bit-granular models).
+
+        Raises:
+          NotImplementedError: the model is not bit-granular.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not a bit-granular fault model")
+
     def __call__(self, key: jax.Array, values: jax.Array) -> jax.Array:
-        """Apply this fault to every value of ``values``."""
+        """Applies this fault to every value of ``values``."""
         values = jnp.asarray(values)
         fmt = bits_lib.format_of(values.dtype)
         self.validate(fmt)
@@ -56,9 +88,11 @@ class _ChosenBits(_BitSetField):
 
     @property
     def granularity(self) -> Granularity:
+        """"bit" with one bit per hit value, else "value"."""
         return "bit" if self.n == 1 else "value"
 
     def positions(self, fmt: Format) -> tuple[int, ...]:
+        """The positions of ``bits`` in ``fmt``."""
         return fmt.bits(self.bits)
 
     def validate(self, fmt: Format) -> None:
@@ -96,6 +130,7 @@ class BitFlip(_ChosenBits, FaultModel):
     n: int = 1
 
     def combine(self, raw: jax.Array, mask: jax.Array) -> jax.Array:
+        """Flips the bits of ``mask``."""
         return raw ^ mask
 
     def apply_raw(self, key, raw, fmt):
@@ -143,6 +178,7 @@ class StuckAt(_ChosenBits, FaultModel):
             raise ValueError(f"StuckAt value must be 0 or 1, got {self.value!r}")
 
     def combine(self, raw: jax.Array, mask: jax.Array) -> jax.Array:
+        """Sets (value 1) or clears (value 0) the bits of ``mask``."""
         return raw | mask if self.value else raw & ~mask
 
     def apply_raw(self, key, raw, fmt):

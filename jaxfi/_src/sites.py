@@ -3,8 +3,9 @@
 A site is described statically by a ``Site`` (name, shape, dtype, kind). The
 three kinds are parameter leaves (named by pytree path), intermediate
 activations (named by module path, primitive and occurrence) and inputs.
-Selectors filter the candidate sites of their kind; a selection that matches
-nothing is an error listing what exists.
+Selectors (``Params``, ``Activations``, ``ModuleOutput``, ``Inputs``) filter
+the candidate sites of their kind; a selection that matches nothing is an error
+listing what exists.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 
 from jaxfi._src import bits as bits_lib
-
-KINDS = ("params", "activations", "inputs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +42,7 @@ class Site:
 
     @property
     def format(self) -> bits_lib.Format:
+        """The bit layout of the dtype."""
         return bits_lib.format_of(self.dtype)
 
     @property
@@ -82,51 +82,53 @@ def _dtypes(dtype) -> tuple[np.dtype, ...] | None:
     return (np.dtype(dtype),)
 
 
-@dataclasses.dataclass(frozen=True)
 class Selector:
-    """Pick sites of one kind by name pattern, primitive, dtype or predicate.
+    """Base class of the selectors: pick the sites of one kind that meet every criterion.
 
-    ``name`` is a regular expression searched in the site name; ``where`` is a
-    predicate on the ``Site``; all given criteria must hold. Sites whose dtype
-    cannot be faulted are never selected.
+    A selector is a frozen dataclass, so that a plan holding it stays hashable
+    (static under jit). Sites whose dtype cannot be faulted are never selected.
+    Subclasses set ``kind`` and implement ``accepts``.
     """
 
-    kind: str = "params"
-    name: str | None = None
-    primitive: str | tuple[str, ...] | None = None
-    dtype: Any = None
-    where: Callable[[Site], bool] | None = None
+    kind: ClassVar[str]
+    dtype: Any
+    where: Callable[[Site], bool] | None
 
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"site kind must be one of {KINDS}, got {self.kind!r}")
-        if self.name is not None:
-            try:
-                re.compile(self.name)
-            except re.error as err:
-                raise ValueError(f"site name pattern {self.name!r} is not a valid regex: {err}")
-        if isinstance(self.primitive, list):
-            object.__setattr__(self, "primitive", tuple(self.primitive))
-        if isinstance(self.dtype, list):
-            object.__setattr__(self, "dtype", tuple(self.dtype))
+    def accepts(self, site: Site) -> bool:
+        """Whether ``site``, already of this selector's kind, meets its own criteria."""
+        raise NotImplementedError
 
     def matches(self, site: Site) -> bool:
-        """Whether ``site`` satisfies every criterion of this selector."""
+        """Whether ``site`` satisfies every criterion of this selector.
+
+        Args:
+          site: a candidate site of any kind.
+
+        Returns:
+          True when it is of this selector's kind, can be faulted, and meets
+          the name, dtype, predicate and subclass criteria.
+        """
         if site.kind != self.kind or not _injectable(site.dtype):
             return False
-        if self.name is not None and not re.search(self.name, site.name):
-            return False
-        if self.primitive is not None:
-            wanted = (self.primitive,) if isinstance(self.primitive, str) else self.primitive
-            if site.primitive not in wanted:
-                return False
         dtypes = _dtypes(self.dtype)
         if dtypes is not None and site.dtype not in dtypes:
             return False
-        return self.where is None or bool(self.where(site))
+        if self.where is not None and not self.where(site):
+            return False
+        return self.accepts(site)
 
     def select(self, candidates: Sequence[Site]) -> tuple[Site, ...]:
-        """The matching sites, in candidate order; a ValueError if there are none."""
+        """The matching sites, in candidate order.
+
+        Args:
+          candidates: the sites to choose from.
+
+        Returns:
+          The chosen sites.
+
+        Raises:
+          ValueError: nothing matches; the message lists the sites of this kind.
+        """
         chosen = tuple(s for s in candidates if self.matches(s))
         if not chosen:
             raise ValueError(
@@ -135,25 +137,139 @@ class Selector:
         return chosen
 
     def describe(self) -> str:
-        """A short human-readable form of the criteria."""
-        parts = [f"{f}={getattr(self, f)!r}" for f in ("name", "primitive", "dtype", "where")
-                 if getattr(self, f) is not None]
-        return f"{self.kind}({', '.join(parts)})"
+        """A short human-readable form of the criteria, e.g. ``Params(name='kernel')``."""
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if getattr(self, f.name) is not None]
+        return f"{type(self).__name__}({', '.join(parts)})"
 
 
-def Params(name: str | None = None, *, dtype: Any = None,
-           where: Callable[[Site], bool] | None = None) -> Selector:
-    """Select parameter leaves by path regex (e.g. ``r"conv1/kernel"``), dtype or predicate."""
-    return Selector("params", name=name, dtype=dtype, where=where)
+def _check_pattern(what: str, pattern: str | None) -> None:
+    if pattern is None:
+        return
+    if not isinstance(pattern, str):
+        raise TypeError(f"{what} must be a regex string or None, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{what} {pattern!r} is not a valid regex: {err}") from None
 
 
-def Activations(name: str | None = None, *, primitive: str | Sequence[str] | None = None,
-                dtype: Any = None, where: Callable[[Site], bool] | None = None) -> Selector:
-    """Select intermediate values by name regex (module path), primitive, dtype or predicate."""
-    return Selector("activations", name=name, primitive=primitive, dtype=dtype, where=where)
+def _tupled(selector: Selector, field: str) -> None:
+    """Store a list-valued field as a tuple, so that the selector stays hashable."""
+    if isinstance(getattr(selector, field), list):
+        object.__setattr__(selector, field, tuple(getattr(selector, field)))
 
 
-def Inputs(name: str | None = None, *, dtype: Any = None,
-           where: Callable[[Site], bool] | None = None) -> Selector:
-    """Select function inputs (``arg0``, ``arg1/...``) by name regex, dtype or predicate."""
-    return Selector("inputs", name=name, dtype=dtype, where=where)
+def _name_matches(pattern: str | None, name: str) -> bool:
+    return pattern is None or re.search(pattern, name) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Params(Selector):
+    """Parameter leaves, by path regex (e.g. ``r"conv1/kernel"``), dtype or predicate.
+
+    Attributes:
+      name: a regular expression searched in the leaf's path
+        (``params/conv1/kernel``); None: every leaf.
+      dtype: a dtype or a tuple of dtypes the leaf must have.
+      where: a predicate on the ``Site``.
+    """
+
+    kind: ClassVar[str] = "params"
+    name: str | None = None
+    dtype: Any = None
+    where: Callable[[Site], bool] | None = None
+
+    def __post_init__(self):
+        _check_pattern("site name pattern", self.name)
+        _tupled(self, "dtype")
+
+    def accepts(self, site: Site) -> bool:
+        """Whether the leaf's path matches ``name``."""
+        return _name_matches(self.name, site.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations(Selector):
+    """Intermediate values, by name regex (module path), primitive, dtype or predicate.
+
+    Attributes:
+      name: a regular expression searched in the site name
+        (``{module path}/{primitive}:{occurrence}``); None: every value.
+      primitive: the name of the producing primitive (``"max"``, ``"conv_general_dilated"``)
+        or a tuple of names.
+      dtype: a dtype or a tuple of dtypes the value must have.
+      where: a predicate on the ``Site``.
+    """
+
+    kind: ClassVar[str] = "activations"
+    name: str | None = None
+    primitive: str | tuple[str, ...] | None = None
+    dtype: Any = None
+    where: Callable[[Site], bool] | None = None
+
+    def __post_init__(self):
+        _check_pattern("site name pattern", self.name)
+        _tupled(self, "primitive")
+        _tupled(self, "dtype")
+
+    def accepts(self, site: Site) -> bool:
+        """Whether the value's name and producing primitive match."""
+        if self.primitive is not None:
+            wanted = (self.primitive,) if isinstance(self.primitive, str) else self.primitive
+            if site.primitive not in wanted:
+                return False
+        return _name_matches(self.name, site.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleOutput(Selector):
+    """The output value(s) of a module: values produced inside it and used outside it.
+
+    For a Linen ``Dense`` this is the bias add, whatever the module computes
+    internally; ``ModuleOutput("CNN/conv1")`` picks the tensor that layer
+    hands to the next.
+
+    Attributes:
+      path: a regular expression that must fully match a module path
+        (``"CNN/conv1"``, ``r"CNN/conv\\d"``).
+      dtype: a dtype or a tuple of dtypes the value must have.
+      where: a predicate on the ``Site``.
+    """
+
+    kind: ClassVar[str] = "activations"
+    path: str
+    dtype: Any = None
+    where: Callable[[Site], bool] | None = None
+
+    def __post_init__(self):
+        _check_pattern("module path pattern", self.path)
+        _tupled(self, "dtype")
+
+    def accepts(self, site: Site) -> bool:
+        """Whether the value leaves a module whose path fully matches ``path``."""
+        return any(re.fullmatch(self.path, scope) for scope in getattr(site, "output_of", ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs(Selector):
+    """Function inputs (``arg0``, ``arg1/...``), by name regex, dtype or predicate.
+
+    Attributes:
+      name: a regular expression searched in the input's name; None: every input.
+      dtype: a dtype or a tuple of dtypes the input must have.
+      where: a predicate on the ``Site``.
+    """
+
+    kind: ClassVar[str] = "inputs"
+    name: str | None = None
+    dtype: Any = None
+    where: Callable[[Site], bool] | None = None
+
+    def __post_init__(self):
+        _check_pattern("site name pattern", self.name)
+        _tupled(self, "dtype")
+
+    def accepts(self, site: Site) -> bool:
+        """Whether the input's name matches ``name``."""
+        return _name_matches(self.name, site.name)
