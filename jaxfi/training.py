@@ -21,19 +21,21 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax
-import flax.linen as nn
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-import optax
 
+from jaxfi import Plan, StepInfo, TrainState, fault_aware_step, init_state
 from jaxfi import data as data_lib
 from jaxfi import models as models_lib
-from jaxfi._src.fault_aware import StepInfo, TrainState, fault_aware_step, init_state
-from jaxfi._src.plan import Plan
+from jaxfi._src.extras import require
+
+# Training needs the ``models`` extra; without it, say so at import.
+flax = require("flax", "models")
+nn = require("flax.linen", "models")
+flax_serialization = require("flax.serialization", "models")
+optax = require("optax", "models")
 
 __all__ = ["DEFAULTS", "train", "evaluate", "save_checkpoint", "load_checkpoint", "train_or_load"]
 
@@ -249,7 +251,7 @@ def save_checkpoint(path: str | os.PathLike, variables: Variables, meta: Mapping
     so a crash never leaves a half-written checkpoint.
     """
     path = pathlib.Path(path)
-    blob = flax.serialization.to_bytes(jax.tree.map(np.asarray, variables))
+    blob = flax_serialization.to_bytes(jax.tree.map(np.asarray, variables))
     full_meta = {**meta, "versions": _versions(), "sha256": hashlib.sha256(blob).hexdigest()}
     text = json.dumps(full_meta, indent=2, sort_keys=True)
     _write_atomic(path, blob)
@@ -281,7 +283,7 @@ def load_checkpoint(
         raise ValueError(
             f"checkpoint {path} does not match the hash in {_meta_path(path)}: corrupt or mixed files"
         )
-    variables = flax.serialization.msgpack_restore(blob)
+    variables = flax_serialization.msgpack_restore(blob)
     if like is not None:
         _check_same_tree(variables, like, path)
     return jax.tree.map(jnp.asarray, variables), meta

@@ -10,16 +10,12 @@ import tensorflow_datasets as tfds
 from jaxfi import data
 
 
-@pytest.fixture(scope="module")
-def mnist5k():
-    return data.load("mnist5k", "train"), data.load("mnist5k", "test")
-
-
 def test_mnist5k_shapes_and_types(mnist5k):
     train, test = mnist5k
     assert train.images.shape == (4000, 28, 28, 1) and test.images.shape == (1000, 28, 28, 1)
     assert train.images.dtype == np.float32 and train.labels.dtype == np.int32
     assert (train.num_classes, train.name, train.split, test.split) == (10, "mnist5k", "train", "test")
+    assert data.EMBEDDED_SIZES == {"train": len(train.labels), "test": len(test.labels)}
 
 
 def test_mnist5k_is_class_balanced_and_normalised(mnist5k):

@@ -3,8 +3,8 @@
 import dataclasses
 import functools
 import json
-import math
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -13,10 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats as sps
 
 import jaxfi
-from jaxfi import models, study, training
+from jaxfi import models, study
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MODELS = ("mlp", "lenet5")
@@ -24,12 +23,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(trained_workdir):
     """A workdir whose models/ holds mlp and lenet5 trained for one epoch, shared by every test."""
-    path = tmp_path_factory.mktemp("study")
-    for name in MODELS:
-        training.train_or_load(name, path / "models", epochs=1, log=None)
-    return path
+    return trained_workdir
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +131,7 @@ def test_lowest_default_rate_is_golden_and_highest_collapses(subjects, tmp_path)
             for s in subjects.values() for p in points]
     done = study.run_sweep(jobs, tmp_path, trials=16, seed=0, executor="loop", log=None)
     for d in done:
-        row = study.summarize(d.result).iloc[0]
+        row = study.trial_figures(d.result).iloc[0]
         if d.job.keys["rate"] == min(study.DEFAULT_RATES):
             assert row["error_lo"] <= row["golden_error"] <= row["error_hi"], d.job.path
         else:
@@ -151,7 +147,7 @@ def test_activation_and_count_points_place_the_requested_faults(subjects, tmp_pa
     done = study.run_sweep([study.Job(lenet5, plans, point.label, {})], tmp_path, trials=4, seed=1,
                            executor="loop", log=None)
     assert (done[0].result.table["faults"] == 6).all()
-    row = study.summarize(done[0].result).iloc[0]
+    row = study.trial_figures(done[0].result).iloc[0]
     assert row["trials"] == 4 and row["faults_mean"] == 6
 
 
@@ -186,18 +182,6 @@ def test_cast_stores_weights_in_the_format_and_keeps_predictions(subjects):
         study.cast(mlp, "int8")
 
 
-def test_mean_interval_is_student_t_clipped_and_nan_safe():
-    x = np.array([0.1, 0.3, 0.2, 0.6, np.inf])
-    mean, lo, hi = study.mean_interval(x)
-    finite = x[:4]
-    half = sps.t.ppf(0.975, 3) * finite.std(ddof=1) / 2
-    assert (mean, lo, hi) == pytest.approx((0.3, 0.3 - half, 0.3 + half))
-    assert study.mean_interval(x, bounds=(0.0, 0.5))[1:] == pytest.approx((max(0.0, 0.3 - half), 0.5))
-    mean, lo, hi = study.mean_interval([0.2, 0.2, 0.2])
-    assert mean == pytest.approx(0.2) and hi - lo == pytest.approx(0.0, abs=1e-12)
-    assert math.isnan(study.mean_interval([0.5])[1]) and math.isnan(study.mean_interval([np.nan])[0])
-
-
 @pytest.mark.parametrize("kwargs, message", [
     ({"site": "inputs", "rate": 1e-6}, "site must be one of"),
     ({"site": "weights"}, "exactly one of rate or count"),
@@ -219,3 +203,50 @@ def test_point_labels_name_site_and_amount():
 def test_missing_torchvision_weights_name_the_files_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"resnet18\.safetensors.*resnet18\.npz"):
         study.load_subjects(["resnet18"], tmp_path, weights=str(tmp_path), eval_size=4)
+
+
+# ---------------------------------------------------------------- flags
+
+
+def test_flag_checks_name_what_is_wrong():
+    from jaxfi.study import flags as study_flags
+
+    assert study_flags.check_rates(["1e-6", "0.5"]) == [1e-6, 0.5]
+    assert study_flags.check_counts(["1", "20"]) == [1, 20]
+    for bad, message in (([], "at least one"), (["x"], "not a number"), (["0"], r"\(0, 1\]"),
+                         (["2"], r"\(0, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            study_flags.check_rates(bad)
+    with pytest.raises(ValueError, match="positive integer"):
+        study_flags.check_counts(["0"])
+    with pytest.raises(ValueError, match=r"unknown model \['vit'\]"):
+        study_flags.check_choices(["mlp", "vit"], models.MODELS, "model")
+    with pytest.raises(ValueError, match="executor must be one of"):
+        study_flags.check_executor("fastest")
+    with pytest.raises(ValueError, match="mnist5k has 1000 test images"):
+        study_flags.check_eval_size(1001, "mnist5k")
+    assert study_flags.check_eval_size(1000, "mnist5k") == 1000
+
+
+@pytest.mark.parametrize("script, flag, message", [
+    ("resilience", "--rates=", "flag --rates=.*at least one bit error rate"),
+    ("resilience", "--models=mlp,vit", "flag --models=.*unknown model"),
+    ("resilience", "--eval_size=5000", "eval_size=5000.*1000 test images"),
+    ("fault_aware", "--rates=", "flag --rates=.*at least one bit error rate"),
+    ("fault_aware", "--executor=fastest", "flag --executor=fastest"),
+    ("bit_sensitivity", "--dtypes=int8", "flag --dtypes=.*unknown dtype"),
+])
+def test_scripts_refuse_bad_flags_before_training(script, flag, message, tmp_path):
+    command = [sys.executable, str(REPO / "experiments" / f"{script}.py"), f"--workdir={tmp_path}", flag]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 1
+    assert re.search(message, proc.stderr), proc.stderr[-2000:]
+    assert not (tmp_path / "models").exists()
+
+
+def test_importing_the_study_has_no_side_effects():
+    code = ("import sys, jaxfi.study, jaxfi.experiments.resilience; from absl import flags; "
+            "print('matplotlib' in sys.modules, 'workdir' in flags.FLAGS)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "False"]

@@ -18,11 +18,6 @@ SMALL = ("mlp", "lenet5", "resnet8")
 
 
 @pytest.fixture(scope="module")
-def mnist5k():
-    return data.load("mnist5k", "train"), data.load("mnist5k", "test")
-
-
-@pytest.fixture(scope="module")
 def trained(mnist5k):
     """name -> (model, variables, metrics) after one epoch with the model's default settings."""
     out = {}
@@ -128,11 +123,9 @@ def test_damaged_or_missing_checkpoints_are_errors(trained, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(trained_workdir):
     """A workdir holding an mlp trained for one epoch by train_or_load."""
-    path = tmp_path_factory.mktemp("workdir")
-    training.train_or_load("mlp", path, epochs=1, log=None)
-    return path
+    return trained_workdir / "models"
 
 
 def test_train_or_load_reuses_an_identical_run(workdir):

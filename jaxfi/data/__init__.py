@@ -32,9 +32,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Dataset", "load", "eval_subset", "batches", "eval_split", "EMBEDDED"]
+from jaxfi._src.extras import require
+
+__all__ = ["Dataset", "load", "eval_subset", "batches", "eval_split", "EMBEDDED", "EMBEDDED_SIZES"]
 
 EMBEDDED = "mnist5k"
+# Examples per split of mnist5k (400 and 100 per class).
+EMBEDDED_SIZES = {"train": 4000, "test": 1000}
 _MNIST5K_TRAIN_PER_CLASS = 400
 # The mnist5k split is part of the data, not an experiment knob: a constant seed
 # keeps train and test disjoint for every user and every run.
@@ -149,7 +153,7 @@ def _take(ds: Dataset, idx: np.ndarray) -> Dataset:
 
 
 def _load_mnist5k(split: str) -> Dataset:
-    if split not in ("train", "test"):
+    if split not in EMBEDDED_SIZES:
         raise ValueError(f"mnist5k has splits 'train' and 'test', got split={split!r}")
     with importlib.resources.files(__name__).joinpath("mnist5k.npz").open("rb") as f, np.load(f) as npz:
         images, labels = npz["images"], npz["labels"]
@@ -201,7 +205,7 @@ def _load_tfds(name: str, split: str, data_dir: str | None, num_examples: int | 
 
 def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
     """Opens a prepared array_record TFDS split, failing at once if it is not there."""
-    import tensorflow_datasets as tfds  # deferred: only needed for TFDS names
+    tfds = require("tensorflow_datasets", "data")
 
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)

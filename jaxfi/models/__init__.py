@@ -24,14 +24,16 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxfi._src.extras import require
 from jaxfi.models.imagenet import VGG16, AlexNet, MobileNetV2
 from jaxfi.models.resnet import ResNet, ResNet18, ResNet50
 from jaxfi.models.small import MLP, LeNet5
+
+nn = require("flax.linen", "models")
 
 __all__ = [
     "MLP",

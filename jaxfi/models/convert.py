@@ -19,13 +19,15 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxfi._src.extras import require
 from jaxfi.models.imagenet import MOBILENET_V2_BLOCKS, VGG16, VGG16_BLOCKS, AlexNet, MobileNetV2
 from jaxfi.models.resnet import ImageNetResNet
+
+nn = require("flax.linen", "models")
 
 __all__ = ["from_torchvision", "load_state_dict"]
 
@@ -42,9 +44,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a torch-layout state dict saved as ``.npz`` or ``.safetensors``."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
-        import safetensors.numpy  # deferred: only needed for this format
-
-        return dict(safetensors.numpy.load_file(path))
+        safetensors_numpy = require("safetensors.numpy", "convert")
+        return dict(safetensors_numpy.load_file(path))
     if path.endswith(".npz"):
         with np.load(path) as npz:
             return {k: npz[k] for k in npz.files}

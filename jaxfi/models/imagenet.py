@@ -7,11 +7,13 @@ names (conv1, fc1, block3/dw_conv, ...) rather than torchvision's indices.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxfi._src.extras import require
 from jaxfi.models.layers import adaptive_avg_pool, batch_norm, conv, flatten, max_pool, relu6
+
+nn = require("flax.linen", "models")
 
 
 class AlexNet(nn.Module):

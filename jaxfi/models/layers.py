@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxfi._src.extras import require
+
+nn = require("flax.linen", "models")
 
 
 def conv(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxfi._src.extras import require
 from jaxfi.models.layers import batch_norm, conv, max_pool
+
+nn = require("flax.linen", "models")
 
 
 class BasicBlock(nn.Module):

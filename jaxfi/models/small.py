@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 
+from jaxfi._src.extras import require
 from jaxfi.models.layers import flatten, max_pool
+
+nn = require("flax.linen", "models")
 
 
 class MLP(nn.Module):

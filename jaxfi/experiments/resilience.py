@@ -1,0 +1,161 @@
+"""Error of image classifiers under random bit flips at increasing fault rates.
+
+Reproduces and extends Rojas, Nicolae, Meneses, "Evaluating Resilience of Deep
+Learning Models" (CARLA 2019): for each model and fault rate, a campaign of
+independent trials, each flipping random bits of the weights (or activations)
+and evaluating --eval_size test images.
+
+    python experiments/resilience.py --workdir=runs/study    (or: jaxfi-resilience --workdir=...)
+
+trains mlp, lenet5 and resnet8 on the embedded mnist5k (cached in
+WORKDIR/models) and sweeps bit error rates over all weight bits. Running the
+same command again resumes: finished points are read back from their stores
+(WORKDIR/campaigns/resilience/...) and an interrupted one continues.
+
+Options: --mode=count sweeps exact fault counts (--counts) instead of rates;
+--site=activations|both corrupts the outputs of every Conv, Dense and
+BatchNorm (the same rates, as a bit error rate over activation bits of every
+evaluated image; in count mode the count is per trial, i.e. per evaluated
+batch, for activations). Weights are the ``params`` collection (kernels,
+biases, BatchNorm scale and bias); --batch_stats adds BatchNorm running
+statistics.
+
+Paper scale (not run here; needs an array_record ImageNet in DATA_DIR and
+torchvision weights saved as WEIGHTS/{alexnet,vgg16,resnet50}.npz or
+.safetensors, see jaxfi.models.convert)::
+
+    python experiments/resilience.py --workdir=runs/imagenet \\
+        --dataset=imagenet2012 --data_dir=DATA_DIR --weights=WEIGHTS \\
+        --models=alexnet,vgg16,resnet50 --eval_size=256 --trials=200 \\
+        --rates=1e-10,1e-9,1e-8,3e-8,1e-7,3e-7,1e-6
+
+(the cliff moves to lower rates as models grow: on mnist5k all three models
+were near 30% error at a rate near 1 / number of weights, about 30 flips per
+inference).
+
+Writes to --workdir, with STEM = resilience-SITE-MODE:
+
+- STEM.csv: one row per (model, point). Columns: model; site; mode; rate (bit
+  error rate, empty in count mode); count (flips per trial, empty in rate
+  mode); eval_size; seed; population_bits (bits the faults are drawn from per
+  trial); then the figures of ``jaxfi.study.summary_columns()``: trials,
+  golden_error, faults_mean, overflow, and error, sdc, sdc5, due, logit_dev
+  (means over trials of per-trial fractions, with 95% Student-t intervals
+  over trials: *_lo, *_hi) and sdc_trial, due_trial, harm_trial (fractions of
+  trials with such an event, 95% Wilson intervals). jaxfi/study/summary.py
+  says why the trial is the unit.
+- STEM.json: flags, models (source, accuracy, size), per-point timings and
+  executors, wall time, software versions.
+- STEM.png: error vs fault rate, and SDC and DUE, one curve per model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import pandas as pd
+
+from jaxfi import data, study
+from jaxfi.study import flags as study_flags
+
+app, flags = study_flags.app, study_flags.flags
+
+_FLAG_NAMES = ("models", "mode", "rates", "counts", "site", "batch_stats", "trials", "eval_size",
+               "executor", "chunk_size", "seed", "epochs", "dataset", "data_dir", "weights")
+
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    """The holders of this script's flags."""
+
+    common: study_flags.CommonFlags
+    mode: Any
+    rates: Any
+    counts: Any
+    site: Any
+    batch_stats: Any
+    trials: Any
+    dataset: Any
+    data_dir: Any
+    weights: Any
+
+
+def define_flags() -> Flags:
+    """Defines the script's flags and their validators (they show under the script's name in --help)."""
+    flags.disclaim_key_flags()
+    defined = Flags(
+        common=study_flags.define_common_flags(eval_size=256, chunk_size=16,
+                                               chunk_help="Trials per stored chunk (resume granularity)."),
+        mode=flags.DEFINE_enum("mode", "rate", ["rate", "count"], "Sweep bit error rates or exact fault counts."),
+        rates=flags.DEFINE_list("rates", [f"{r:g}" for r in study.DEFAULT_RATES], "Bit error rates (--mode=rate)."),
+        counts=flags.DEFINE_list("counts", [str(c) for c in study.DEFAULT_COUNTS],
+                                 "Single-bit flips per trial (--mode=count)."),
+        site=flags.DEFINE_enum("site", "weights", list(study.SITES), "What the faults corrupt."),
+        batch_stats=flags.DEFINE_bool("batch_stats", False, "Count BatchNorm running statistics as weights."),
+        trials=flags.DEFINE_integer("trials", 32, "Trials per (model, point).", lower_bound=2),
+        dataset=flags.DEFINE_string("dataset", data.EMBEDDED, "'mnist5k' or a prepared TFDS dataset."),
+        data_dir=flags.DEFINE_string("data_dir", None, "TFDS data directory."),
+        weights=flags.DEFINE_string("weights", None, "Directory of torchvision NAME.npz/.safetensors weights."))
+    study_flags.validate("rates", study_flags.check_rates)
+    study_flags.validate("counts", study_flags.check_counts)
+    study_flags.validate(("eval_size", "dataset"), study_flags.check_eval_size)
+    return defined
+
+
+def run(defined: Flags, argv: list[str]) -> None:
+    """Trains or loads the models, runs the sweep and writes the CSV, JSON and plot."""
+    study_flags.check_no_arguments(argv)
+    common = defined.common
+    points = _points(defined)
+    began = time.perf_counter()
+    workdir, subjects = common.load(dataset=defined.dataset.value, data_dir=defined.data_dir.value,
+                                    weights=defined.weights.value)
+    jobs = [study.Job(s, study.plans_for(s, p, defined.batch_stats.value), f"{s.label}/{p.label}",
+                      {"model": s.label, "site": p.site, "mode": p.mode, "rate": p.rate, "count": p.count})
+            for s in subjects for p in points]
+    done = common.sweep(jobs, workdir / "campaigns" / "resilience", defined.trials.value)
+    table = pd.DataFrame([_row(d, common.seed.value) for d in done])
+    mode, site = defined.mode.value, defined.site.value
+    study.write_report(workdir / f"resilience-{site}-{mode}", table, name="resilience",
+                       plot=study.plot_sweep, title=_title(defined, subjects),
+                       flag_values=study_flags.flag_values(_FLAG_NAMES), subjects=subjects, done=done,
+                       began=began, show=functools.partial(_print, mode))
+
+
+def _points(defined: Flags) -> list[study.Point]:
+    site = defined.site.value
+    if defined.mode.value == "rate":
+        return [study.Point(site, rate=r) for r in study_flags.check_rates(defined.rates.value)]
+    return [study.Point(site, count=c) for c in study_flags.check_counts(defined.counts.value)]
+
+
+def _row(done: study.Done, seed: int) -> dict[str, Any]:
+    population = sum(site.bits for sites in done.result.sites for site in sites)
+    keys = {**done.job.keys, "eval_size": len(done.job.subject.labels), "seed": seed,
+            "population_bits": population}
+    return {**keys, **study.trial_figures(done.result).to_dict("records")[0]}
+
+
+def _title(defined: Flags, subjects: list[study.Subject]) -> str:
+    what = {"weights": "weight", "activations": "activation", "both": "weight and activation"}[defined.site.value]
+    return (f"Random {what} bit flips on {defined.dataset.value}: {defined.trials.value} trials x "
+            f"{len(subjects[0].labels)} test images per point")
+
+
+def _print(mode: str, table: pd.DataFrame) -> None:
+    x = "rate" if mode == "rate" else "count"
+    view = pd.DataFrame({
+        "model": table["model"], x: table[x],
+        "error %": [f"{100 * e:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+                    for e, lo, hi in zip(table["error"], table["error_lo"], table["error_hi"])],
+        "SDC %": (100 * table["sdc"]).round(2), "SDC-5 %": (100 * table["sdc5"]).round(2),
+        "DUE %": (100 * table["due"]).round(2), "golden %": (100 * table["golden_error"]).round(1)})
+    print(view.to_string(index=False))
+
+
+def main() -> None:
+    """The ``jaxfi-resilience`` command: defines the flags, parses them and runs."""
+    app.run(functools.partial(run, define_flags()))

@@ -1,0 +1,202 @@
+"""The absl flags the study scripts share, and checks that refuse bad values before any training.
+
+Nothing is defined on import: a script calls ``define_common_flags`` (and the
+``check_*`` functions serve as flag validators), so the flags show under the
+script's name in ``--help``. Needs absl-py (the ``experiments`` extra).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jaxfi import data, executors, models
+from jaxfi._src.extras import require
+from jaxfi.study.subjects import Subject, load_subjects
+from jaxfi.study.sweeps import Done, Job, run_sweep
+
+app = require("absl.app", "experiments")
+flags = require("absl.flags", "experiments")
+
+EXECUTOR_HELP = (
+    "Campaign executor: loop, auto, grouped, vmap or map. Results do not depend on it. auto times "
+    "every executor on each model's first computed campaign and reuses its choice; on 2 CPU cores "
+    "that probe costs about a minute per model, more than it saves on these small models.")
+
+
+def check_rates(values: Sequence[str]) -> list[float]:
+    """Bit error rates from flag strings.
+
+    Args:
+      values: the strings of a list flag.
+
+    Returns:
+      The rates, as floats.
+
+    Raises:
+      ValueError: no value, or one that is not a number in (0, 1].
+    """
+    if not values:
+        raise ValueError("give at least one bit error rate")
+    rates = []
+    for value in values:
+        try:
+            rate = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number") from None
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"a bit error rate must be in (0, 1], got {value!r}")
+        rates.append(rate)
+    return rates
+
+
+def check_counts(values: Sequence[str]) -> list[int]:
+    """Fault counts from flag strings.
+
+    Raises:
+      ValueError: no value, or one that is not a positive integer.
+    """
+    if not values:
+        raise ValueError("give at least one fault count")
+    counts = []
+    for value in values:
+        try:
+            count = int(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an integer") from None
+        if count < 1:
+            raise ValueError(f"a fault count must be a positive integer, got {value!r}")
+        counts.append(count)
+    return counts
+
+
+def check_choices(values: Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
+    """``values`` if it is a non-empty list of ``allowed`` names.
+
+    Raises:
+      ValueError: no value, or one not in ``allowed``.
+    """
+    if not values:
+        raise ValueError(f"give at least one {what}")
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; choose from {list(allowed)}")
+    return list(values)
+
+
+def check_executor(name: str) -> str:
+    """``name`` if it names an executor of ``jaxfi.executors``.
+
+    Raises:
+      ValueError: an unknown name.
+    """
+    executors.executor(name)
+    return name
+
+
+def check_eval_size(eval_size: int, dataset: str) -> int:
+    """``eval_size`` if the test split of ``dataset`` has that many inputs (known for the embedded set).
+
+    Raises:
+      ValueError: more inputs than the embedded test split holds.
+    """
+    size = data.EMBEDDED_SIZES[data.eval_split(dataset)] if dataset == data.EMBEDDED else None
+    if size is not None and eval_size > size:
+        raise ValueError(f"{dataset} has {size} test images, got {eval_size}")
+    return eval_size
+
+
+def validate(names: str | Sequence[str], check: Callable[..., Any]) -> None:
+    """Registers ``check`` (raising ValueError on a bad value) as a flag validator.
+
+    absl then refuses a bad value while parsing, before the script runs, with
+    an error that names the flag.
+
+    Args:
+      names: one flag name, called as ``check(value)``; or several, called as
+        ``check(**values)``.
+      check: raises ValueError with the reason on a bad value.
+    """
+    def checker(value: Any) -> bool:
+        try:
+            check(value) if isinstance(names, str) else check(**value)
+        except ValueError as err:
+            raise flags.ValidationError(str(err)) from None
+        return True
+
+    if isinstance(names, str):
+        flags.register_validator(names, checker)
+    else:
+        flags.register_multi_flags_validator(list(names), checker)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommonFlags:
+    """The flags every study script shares, from ``define_common_flags``."""
+
+    workdir: Any
+    models: Any
+    eval_size: Any
+    executor: Any
+    chunk_size: Any
+    seed: Any
+    epochs: Any
+
+    def load(self, **options: Any) -> tuple[pathlib.Path, list[Subject]]:
+        """Creates the workdir and ``load_subjects`` (with ``options``); exits on a bad model or file."""
+        workdir = pathlib.Path(self.workdir.value)
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            return workdir, load_subjects(self.models.value, workdir, eval_size=self.eval_size.value,
+                                          seed=self.seed.value, epochs=self.epochs.value, **options)
+        except (ValueError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
+
+    def sweep(self, jobs: Sequence[Job], root: str | pathlib.Path, trials: int) -> list[Done]:
+        """``run_sweep`` with the seed, executor and chunk size of the flags."""
+        return run_sweep(jobs, root, trials=trials, seed=self.seed.value,
+                         executor=self.executor.value, chunk_size=self.chunk_size.value)
+
+
+def define_common_flags(*, eval_size: int, chunk_size: int,
+                        chunk_help: str = "Trials per stored chunk.") -> CommonFlags:
+    """Defines the flags of ``CommonFlags`` for the calling script, with their validators.
+
+    The flags belong to the calling script: they show under its name in ``--help``.
+
+    Args:
+      eval_size: the default of ``--eval_size``.
+      chunk_size: the default of ``--chunk_size``.
+      chunk_help: the help of ``--chunk_size``.
+
+    Returns:
+      The flag holders.
+    """
+    flags.disclaim_key_flags()
+    common = CommonFlags(
+        workdir=flags.DEFINE_string("workdir", None, "Directory for models, stores and outputs.",
+                                    required=True),
+        models=flags.DEFINE_list("models", ["mlp", "lenet5", "resnet8"], "Models to study."),
+        eval_size=flags.DEFINE_integer("eval_size", eval_size, "Test images evaluated in every trial.",
+                                       lower_bound=1),
+        executor=flags.DEFINE_string("executor", "loop", EXECUTOR_HELP),
+        chunk_size=flags.DEFINE_integer("chunk_size", chunk_size, chunk_help, lower_bound=1),
+        seed=flags.DEFINE_integer("seed", 0, "Seed of the faults and of the evaluation subset."),
+        epochs=flags.DEFINE_integer("epochs", None, "Training epochs (default: per model).", lower_bound=1))
+    validate("models", lambda names: check_choices(names, models.MODELS, "model"))
+    validate("executor", check_executor)
+    return common
+
+
+def check_no_arguments(argv: Sequence[str]) -> None:
+    """Raises ``app.UsageError`` if a script got positional arguments besides its name."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+
+
+def flag_values(names: Sequence[str]) -> dict[str, Any]:
+    """The values of the flags ``names``, for a script's JSON."""
+    return {name: flags.FLAGS[name].value for name in names}

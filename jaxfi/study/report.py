@@ -1,0 +1,85 @@
+"""What a study script writes: its table as CSV, a figure, and a JSON of flags, models, timings and versions."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import pathlib
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import pandas as pd
+
+import jaxfi
+from jaxfi.study.subjects import Subject
+from jaxfi.study.sweeps import Done
+
+# The distributions whose versions the results depend on, where installed.
+_DISTRIBUTIONS = ("jaxlib", "flax", "optax", "numpy", "pandas", "scipy", "matplotlib")
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, the platform, the devices and the libraries the results depend on."""
+    found = {"python": platform.python_version(), "platform": platform.platform(),
+             "jaxfi": jaxfi.__version__, "jax": jax.__version__,
+             "backend": jax.default_backend(), "devices": str(jax.devices())}
+    for name in _DISTRIBUTIONS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def write_json(path: str | pathlib.Path, payload: dict[str, Any]) -> None:
+    """Writes ``payload`` plus software ``versions()`` as indented JSON."""
+    text = json.dumps({**payload, "versions": versions()}, indent=2, default=_jsonable)
+    pathlib.Path(path).write_text(text + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (pathlib.Path, np.dtype)):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
+
+
+def timings(done: Sequence[Done]) -> list[dict[str, Any]]:
+    """Per job: its path, trials computed in this call, executor and seconds (for the JSON)."""
+    return [{"path": d.job.path, "computed": d.computed, "executor": d.executor,
+             "seconds": round(d.seconds, 2)} for d in done]
+
+
+def write_report(stem: str | pathlib.Path, table: pd.DataFrame, *, name: str,
+                 plot: Callable[[pd.DataFrame, str, str], None], title: str,
+                 flag_values: dict[str, Any], subjects: Sequence[Subject], done: Sequence[Done],
+                 began: float, show: Callable[[pd.DataFrame], None]) -> None:
+    """Writes ``table`` to STEM.csv, its ``plot`` to STEM.png and STEM.json, then ``show``s it.
+
+    Args:
+      stem: the output path without suffix.
+      table: the study's table.
+      name: the study's name, written to the JSON.
+      plot: called as ``plot(table, path, title)``.
+      title: the figure's title.
+      flag_values: the script's flags, written to the JSON.
+      subjects: the models studied; their ``info`` goes to the JSON.
+      done: the finished jobs; their ``timings`` go to the JSON.
+      began: a ``time.perf_counter()`` reading at the start of the study.
+      show: prints the table.
+    """
+    table.to_csv(f"{stem}.csv", index=False)
+    plot(table, f"{stem}.png", title)
+    wall = time.perf_counter() - began
+    write_json(f"{stem}.json", {
+        "study": name, "command": sys.argv, "flags": flag_values,
+        "models": {s.label: s.info for s in subjects}, "points": timings(done),
+        "wall_seconds": round(wall, 1)})
+    show(table)
+    print(f"wrote {stem}.{{csv,json,png}} in {wall:.0f}s")
