@@ -146,6 +146,7 @@ class Burst(_BitSetField, FaultModel):
     bits: BitSpec = "all"
 
     def starts(self, fmt: Format) -> tuple[int, ...]:
+        """The first bits of the runs of ``length`` adjacent bits that lie inside ``bits``."""
         allowed = set(fmt.bits(self.bits))
         return tuple(b for b in sorted(allowed)
                      if all(b + i in allowed for i in range(self.length)))
