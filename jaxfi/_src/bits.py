@@ -122,14 +122,26 @@ def check_x64(tree: Any, name: str) -> None:
       ValueError: naming the first such leaf by its path.
     """
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if hasattr(leaf, "dtype"):
+        if hasattr(leaf, "dtype") and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.extended):
             _check_canonical(np.dtype(leaf.dtype), f"{name}{jax.tree_util.keystr(path)}")
 
 
-def _as_array(x: Any) -> jax.Array:
-    """``x`` as a JAX array, refusing a dtype JAX would silently narrow."""
+def as_array(x: Any, name: str = "x") -> jax.Array:
+    """``x`` as a JAX array, refusing a dtype JAX would silently narrow.
+
+    Args:
+      x: an array, or anything ``jnp.asarray`` takes (Python scalars get
+        JAX's default types).
+      name: the argument's name, for the error message.
+
+    Returns:
+      ``jnp.asarray(x)``.
+
+    Raises:
+      ValueError: ``x`` is float64, int64 or uint64 while JAX runs without x64.
+    """
     if hasattr(x, "dtype"):
-        _check_canonical(np.dtype(x.dtype), "x")
+        _check_canonical(np.dtype(x.dtype), name)
     return jnp.asarray(x)
 
 
@@ -166,19 +178,19 @@ def _mask_like(x: jax.Array, bits) -> jax.Array:
 
 def flip_bits(x: jax.Array, bits) -> jax.Array:
     """Flip ``bits`` (a bit set, or an unsigned mask array) of every value of ``x``."""
-    x = _as_array(x)
+    x = as_array(x)
     return from_bits(to_bits(x) ^ _mask_like(x, bits), x.dtype)
 
 
 def set_bits(x: jax.Array, bits) -> jax.Array:
     """Force ``bits`` of every value of ``x`` to 1 (stuck-at-1)."""
-    x = _as_array(x)
+    x = as_array(x)
     return from_bits(to_bits(x) | _mask_like(x, bits), x.dtype)
 
 
 def clear_bits(x: jax.Array, bits) -> jax.Array:
     """Force ``bits`` of every value of ``x`` to 0 (stuck-at-0)."""
-    x = _as_array(x)
+    x = as_array(x)
     return from_bits(to_bits(x) & ~_mask_like(x, bits), x.dtype)
 
 

@@ -123,8 +123,11 @@ def arrays(tree: Any) -> dict[str, str]:
     digest = hashlib.sha256()
     leaves = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        arr = np.asarray(leaf)
         name = jax.tree_util.keystr(path)
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.extended):
+            name += f" {leaf.dtype}"  # a PRNG key: its implementation and raw words
+            leaf = jax.random.key_data(leaf)
+        arr = np.asarray(leaf)
         digest.update(f"{name} ".encode())
         _update_array(digest, arr)
         leaves.append((name, arr))
