@@ -2,7 +2,5 @@
 # so that `pip install` also gives it as the command jaxfi-bit-sensitivity.
 from jaxfi.experiments import bit_sensitivity
 
-__doc__ = bit_sensitivity.__doc__
-
 if __name__ == "__main__":
     bit_sensitivity.main()

@@ -2,7 +2,5 @@
 # so that `pip install` also gives it as the command jaxfi-fault-aware.
 from jaxfi.experiments import fault_aware
 
-__doc__ = fault_aware.__doc__
-
 if __name__ == "__main__":
     fault_aware.main()

@@ -2,7 +2,5 @@
 # so that `pip install` also gives it as the command jaxfi-layer-sensitivity.
 from jaxfi.experiments import layer_sensitivity
 
-__doc__ = layer_sensitivity.__doc__
-
 if __name__ == "__main__":
     layer_sensitivity.main()

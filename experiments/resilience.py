@@ -2,7 +2,5 @@
 # so that `pip install` also gives it as the command jaxfi-resilience.
 from jaxfi.experiments import resilience
 
-__doc__ = resilience.__doc__
-
 if __name__ == "__main__":
     resilience.main()

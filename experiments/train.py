@@ -2,7 +2,5 @@
 # so that `pip install` also gives it as the command jaxfi-train.
 from jaxfi.experiments import train
 
-__doc__ = train.__doc__
-
 if __name__ == "__main__":
     train.main()

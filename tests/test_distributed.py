@@ -25,9 +25,9 @@ import pytest
 from absl import flags
 
 import jaxfi
+from jaxfi import Store
 from jaxfi._src.distributed import Layout
-from jaxfi._src.executors import same_bits
-from jaxfi._src.store import Store
+from jaxfi.executors import same_bits
 
 PACE = "JAXFI_TEST_PACE"  # seconds each trial's outcome sleeps, to slow a worker down
 FAIL = "JAXFI_TEST_FAIL"  # set: the outcome raises on the first trial whose output changed

@@ -40,7 +40,7 @@ import jaxfi
 from jaxfi import data, study
 from jaxfi.study import flags as study_flags
 
-app, flags = study_flags.app, study_flags.flags
+flags = study_flags.flags
 
 _NAME = "bit_sensitivity"
 _FLAG_NAMES = ("models", "dtypes", "trials_per_bit", "eval_size", "batch_stats", "executor",
@@ -116,4 +116,4 @@ def _print(table: pd.DataFrame) -> None:
 
 def main() -> None:
     """The ``jaxfi-bit-sensitivity`` command: defines the flags, parses them and runs."""
-    app.run(functools.partial(run, define_flags()))
+    study_flags.run_script(functools.partial(run, define_flags()), __doc__)

@@ -43,7 +43,7 @@ import jaxfi
 from jaxfi import data, models, stats, study, training
 from jaxfi.study import flags as study_flags
 
-app, flags = study_flags.app, study_flags.flags
+flags = study_flags.flags
 
 _NAME = "fault_aware"
 _RELU_OUTPUTS = jaxfi.Activations(primitive="max")
@@ -241,4 +241,4 @@ def _training_summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     """The ``jaxfi-fault-aware`` command: defines the flags, parses them and runs."""
-    app.run(functools.partial(run, define_flags()))
+    study_flags.run_script(functools.partial(run, define_flags()), __doc__)

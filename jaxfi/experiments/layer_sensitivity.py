@@ -44,7 +44,7 @@ import jaxfi
 from jaxfi import data, study
 from jaxfi.study import flags as study_flags
 
-app, flags = study_flags.app, study_flags.flags
+flags = study_flags.flags
 
 _NAME = "layer_sensitivity"
 _FLAG_NAMES = ("models", "trials", "eval_size", "batch_stats", "executor", "chunk_size", "seed", "epochs")
@@ -115,4 +115,4 @@ def _print(table: pd.DataFrame) -> None:
 
 def main() -> None:
     """The ``jaxfi-layer-sensitivity`` command: defines the flags, parses them and runs."""
-    app.run(functools.partial(run, define_flags()))
+    study_flags.run_script(functools.partial(run, define_flags()), __doc__)

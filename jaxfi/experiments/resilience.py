@@ -61,7 +61,7 @@ import pandas as pd
 from jaxfi import data, study
 from jaxfi.study import flags as study_flags
 
-app, flags = study_flags.app, study_flags.flags
+flags = study_flags.flags
 
 _FLAG_NAMES = ("models", "mode", "rates", "counts", "site", "batch_stats", "trials", "eval_size",
                "executor", "chunk_size", "seed", "epochs", "dataset", "data_dir", "weights")
@@ -158,4 +158,4 @@ def _print(mode: str, table: pd.DataFrame) -> None:
 
 def main() -> None:
     """The ``jaxfi-resilience`` command: defines the flags, parses them and runs."""
-    app.run(functools.partial(run, define_flags()))
+    study_flags.run_script(functools.partial(run, define_flags()), __doc__)

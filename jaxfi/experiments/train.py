@@ -19,7 +19,7 @@ from typing import Any
 from jaxfi import data, models, training
 from jaxfi.study import flags as study_flags
 
-app, flags = study_flags.app, study_flags.flags
+flags = study_flags.flags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,4 +84,4 @@ def run(defined: Flags, argv: list[str]) -> None:
 
 def main() -> None:
     """The ``jaxfi-train`` command: defines the flags, parses them and runs."""
-    app.run(functools.partial(run, define_flags()))
+    study_flags.run_script(functools.partial(run, define_flags()), __doc__)

@@ -191,6 +191,18 @@ def define_common_flags(*, eval_size: int, chunk_size: int,
     return common
 
 
+def run_script(main: Callable[[list[str]], None], doc: str | None) -> None:
+    """Parses the flags and runs ``main(argv)`` with absl, ``doc`` being the usage text of --help.
+
+    absl prints the docstring of ``__main__`` as the usage; a console command
+    (``jaxfi-resilience``) or a thin script has none of its own, so it gets ``doc``.
+    """
+    entry = sys.modules["__main__"]
+    if not entry.__doc__:
+        entry.__doc__ = doc
+    app.run(main)
+
+
 def check_no_arguments(argv: Sequence[str]) -> None:
     """Raises ``app.UsageError`` if a script got positional arguments besides its name."""
     if len(argv) > 1:
