@@ -67,8 +67,12 @@ class FaultModel:
         raise NotImplementedError(f"{type(self).__name__} is not a bit-granular fault model")
 
     def __call__(self, key: jax.Array, values: jax.Array) -> jax.Array:
-        """Applies this fault to every value of ``values``."""
-        values = jnp.asarray(values)
+        """Applies this fault to every value of ``values``.
+
+        Raises:
+          ValueError: ``values`` is 64-bit while JAX runs without x64.
+        """
+        values = bits_lib.as_array(values, "values")
         fmt = bits_lib.format_of(values.dtype)
         self.validate(fmt)
         new, _ = self.apply_raw(key, bits_lib.to_bits(values), fmt)
