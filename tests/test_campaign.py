@@ -160,10 +160,52 @@ def test_bad_arguments_name_themselves():
 
 
 @pytest.mark.parametrize("executor,chunk_size", [
-    ("vmap", 1), ("vmap", 7), ("vmap", 64), ("map", 7), (jaxfi.MapExecutor(3), 64), ("auto", 7)])
-def test_results_do_not_depend_on_executor_or_chunk_size(campaign, reference, executor, chunk_size):
+    ("vmap", 1), ("vmap", 7), ("vmap", 64), ("map", 7), (jaxfi.MapExecutor(3), 64)])
+def test_reference_executors_give_the_loop_table(campaign, reference, executor, chunk_size):
     r = campaign.run(trials=70, executor=executor, chunk_size=chunk_size, quiet=True)
     assert_same_result(r, reference)
+
+
+@pytest.fixture(scope="module")
+def grouped(campaign):
+    return campaign.run(trials=70, executor="grouped", chunk_size=64, quiet=True)
+
+
+def test_grouped_table_does_not_depend_on_chunk_size(campaign, grouped):
+    assert_same_result(campaign.run(trials=70, executor="grouped", chunk_size=7, quiet=True), grouped)
+
+
+def test_grouped_draws_the_loop_faults_and_agrees_on_verdicts(reference, grouped):
+    """Records are bitwise the loop's; outputs come from other programs, so
+    verdicts are compared (every one agrees on this model) and each trial
+    names its program."""
+    assert same_bits(grouped.records, reference.records)
+    for outcome in ("sdc", "sdc5", "due", "masked"):
+        assert (grouped.table[outcome] == reference.table[outcome]).all(), outcome
+    assert (reference.table["program"] == 0).all()
+    assert grouped.table["program"].nunique() >= 3  # w1, b1 and w2 each have a program
+
+
+def test_trials_without_a_fault_are_identical_to_their_programs_golden(campaign):
+    """Masked means bit-identical: a trial whose plan draws nothing equals the
+    golden run of the program that computed it, whatever the executor."""
+    empty = jaxfi.Campaign(campaign.apply_fn, campaign.params, campaign.inputs, campaign.labels,
+                           jaxfi.Plan(jaxfi.Params(), jaxfi.BitFlip(), count=0), seed=1)
+    for executor in ("grouped", "loop"):
+        t = empty.run(trials=5, executor=executor, quiet=True).table
+        assert t["identical"].all() and (t["max_abs_dev"] == 0).all() and t["masked"].all()
+
+
+def test_auto_decides_once_and_a_store_keeps_its_executor(campaign, grouped, tmp_path):
+    fresh = mlp_campaign()
+    first = fresh.run(trials=70, executor="auto", chunk_size=64, quiet=True, store=tmp_path)
+    assert fresh._decided is not None and first.timings is not None
+    assert set(first.timings["executor"]) >= {"loop"} and first.timings["chosen"].sum() == 1
+    again = fresh.run(trials=80, executor="auto", chunk_size=64, quiet=True, store=tmp_path)
+    assert again.executor == first.executor and len(again.table) == 80
+    with pytest.raises(ValueError, match="resumed with the executor that computed it"):
+        other = "loop" if first.executor != "loop" else "grouped"
+        fresh.run(trials=90, executor=other, quiet=True, store=tmp_path)
 
 
 def test_replay_equals_the_table_row(campaign, reference):

@@ -43,7 +43,7 @@ from jax.extend import source_info_util as siu
 
 from jaxfi._src import bits as bits_lib
 from jaxfi._src import interpret
-from jaxfi._src.inject import Record, SiteFaults, apply_site, assemble_record, plan_keys, sample_faults
+from jaxfi._src.inject import Record, SiteFaults, apply_site, assemble_record, live_faults, plan_keys
 from jaxfi._src.plan import Plan, Population
 from jaxfi._src.sites import Activations, Selector, Site, _listing
 
@@ -171,10 +171,10 @@ def _population(sites: Sequence[ActivationSite], plan: Plan) -> Population:
 class _Injection:
     """One plan's faults of one trial, applied site by site during evaluation."""
 
-    def __init__(self, key: jax.Array, pop: Population):
+    def __init__(self, key: jax.Array, pop: Population, live: jax.Array | None):
         k_sample, self.key = plan_keys(key)
         self.pop = pop
-        self.faults = sample_faults(k_sample, pop)
+        self.faults = live_faults(k_sample, pop, live)
         self.parts: list[SiteFaults | None] = [None] * len(pop.sites)
 
     def hook(self, site: int) -> Callable[[jax.Array], jax.Array]:
@@ -198,7 +198,8 @@ class _Injection:
 
 def run_with_faults(fn: Callable[..., Any], args: Sequence[Any], plans: Sequence[Plan],
                     keys: Sequence[jax.Array],
-                    only: Sequence[frozenset[int] | None] | None = None) -> tuple[Any, list[Record]]:
+                    only: Sequence[frozenset[int] | None] | None = None,
+                    live: jax.Array | None = None) -> tuple[Any, list[Record]]:
     """Evaluate ``fn(*args)`` with each activations plan's faults; one key per plan.
 
     Each plan's key is split into (sampling, applying) keys as for params
@@ -215,6 +216,7 @@ def run_with_faults(fn: Callable[..., Any], args: Sequence[Any], plans: Sequence
       keys: one key per plan.
       only: per plan, the population site indices to fault (None: all); an
         optimisation for trials known to hit only those sites.
+      live: where False, no fault lands (see ``inject.live_faults``).
 
     Returns:
       ``fn``'s output and one record per plan.
@@ -229,7 +231,7 @@ def run_with_faults(fn: Callable[..., Any], args: Sequence[Any], plans: Sequence
     injections = []
     with jax.named_scope(OWN_SCOPE):
         for plan, key, subset in zip(plans, keys, only):
-            injection = _Injection(key, _population(sites, plan))
+            injection = _Injection(key, _population(sites, plan), live)
             for s, site in enumerate(injection.pop.sites if injection.active else ()):
                 if subset is None or s in subset:
                     hooks[ids[site.name]].append(injection.hook(s))

@@ -9,8 +9,12 @@
     c.replay(17)                     # trial 17 alone, bit for bit
 
 Trial ``i`` is ``faulty(apply_fn, *plans)(fold_in(key(seed), i), params,
-inputs)``; its results do not depend on the executor, chunk size or device
-count, so a store can be resumed with any of them.
+inputs)``. Its faults (the records) are the same whatever the executor. Its
+output is computed by the executor's program for it (``program`` in the
+table) and compared with that program's own golden run, so "identical" means
+bit-identical and rounding never counts as a change. The table is the same
+across runs, chunk sizes, resumes, devices and processes: a store records the
+executor that computed it and every later run of that store uses it.
 
 Strata: each trial gets a ``site`` and a ``bit``. A trial whose faults all
 land in one site has that site's name ("mixed" if they span several sites,
@@ -47,7 +51,7 @@ from jaxfi._src.plan import Plan
 from jaxfi._src.record import record_table
 from jaxfi._src.sites import Site
 from jaxfi._src.store import CorruptChunkError, ForeignChunkError, Store
-from jaxfi._src.trial import Outputs, Trials, faulty, sites_of, trial_function
+from jaxfi._src.trial import REFERENCE, Computed, Trials, faulty, sites_of, trial_function
 from jaxfi._src.version import __version__
 
 _RECORD_COLUMN = "r{plan}.{field}"
@@ -100,6 +104,11 @@ class Campaign:
         self.outcome_names: tuple[str, ...] = builtin + tuple(self._custom)
         self._trials = Trials(trial_function(faulty(apply_fn, *self.plans)),
                               jax.random.key(self.seed), params, inputs, apply_fn, self.plans)
+        # Built once per campaign, reused by every later run() and resume.
+        self._runners: dict[tuple[Any, ...], exec_lib.Runner] = {}
+        self._decided: exec_lib.Executor | None = None
+        self._decision_table: pd.DataFrame | None = None
+        self._goldens: dict[int, outcomes_lib.Golden] = {}
 
     @functools.cached_property
     def config(self) -> dict[str, Any]:
@@ -141,7 +150,11 @@ class Campaign:
             devices: Sequence[jax.Device] | None = None) -> Result:
         """Run trials 0..``trials``-1 (those not already in ``store``) and return the results.
 
-        ``executor``: "vmap", "map", "loop", "auto" or an executor object.
+        ``executor``: "grouped", "vmap", "map", "loop", "auto" or an executor
+        object. "auto" decides once per campaign (and per store, which
+        records the executor that computed it; a store is always resumed
+        with that executor, and naming another one is an error). Compiled
+        programs are kept for later ``run`` calls.
         ``chunk_size`` trials are computed (and stored) at a time; memory grows
         with it, not with ``trials``. ``store``: a directory written chunk by
         chunk and resumed on the next call, with any executor or chunk size.
@@ -168,15 +181,15 @@ class Campaign:
             "campaign": self.config, "trials": trials, "chunk_size": chunk_size, "margin": margin,
             "confidence": confidence, "method": method, "store": store is not None})
         quiet = quiet or layout.index != 0
-        session = _Session(self, exec_lib.executor(executor), layout.width(), devices, verify,
-                           quiet)
         db = Store(store, self.config, process_index=layout.index) if store is not None else None
+        session = _Session(self, exec_lib.executor(executor), layout, devices, verify, quiet, db)
         parts = self._stored(db, trials)
         tally = _Tally(self, parts)
         ranges = db.missing(trials) if db is not None else [(0, trials)]
         if db is not None:
             layout.agree("the trials already stored", {"missing": ranges},
                          f"\nThe store {db.path} must be on a file system every process shares.")
+        left = sum(b - a for a, b in ranges)
         stopped = False
         with tqdm(total=trials, initial=tally.trials, unit="trial", disable=quiet,
                   desc="campaign", dynamic_ncols=True) as bar:
@@ -185,13 +198,26 @@ class Campaign:
                 if margin is not None and tally.converged(margin, confidence, method):
                     stopped = True
                     break
-                parts.append(self._chunk(session, db, layout, start, stop))
+                parts.append(self._chunk(session, db, layout, start, stop, left))
+                left -= stop - start
                 tally.add(parts[-1])
                 bar.update(stop - start)
         return self._result(parts, session.name, session.timings, stopped, trials)
 
+    def _golden_of(self, program: int, runner_golden: Callable[[int], np.ndarray]) -> outcomes_lib.Golden:
+        if program not in self._goldens:
+            self._goldens[program] = outcomes_lib.golden(runner_golden(program), self.labels)
+        return self._goldens[program]
+
+    def _runner(self, chosen: exec_lib.Executor, width: int, devices: Sequence[jax.Device]) -> exec_lib.Runner:
+        """The campaign's runner of ``chosen`` (built on first use, then kept)."""
+        key = _runner_key(chosen, width, devices)
+        if key not in self._runners:
+            self._runners[key] = chosen.build(self._trials, width, devices)
+        return self._runners[key]
+
     def _chunk(self, session: _Session, db: Store | None, layout: Layout,
-               start: int, stop: int) -> dict[str, np.ndarray]:
+               start: int, stop: int, left: int) -> dict[str, np.ndarray]:
         """Compute and store this process's share of trials [start, stop); return all of them."""
         a, b = layout.share(start, stop)
         template = {name: arr for name, arr in self._empty_columns.items() if name != "trial"}
@@ -199,7 +225,7 @@ class Campaign:
         def share() -> dict[str, np.ndarray]:
             if a == b:
                 return template
-            columns = self._columns(session.compute(a, b))
+            columns = self._columns(session.compute(a, b, trials_left=left), session.golden)
             if db is not None:
                 db.write_chunk(a, b, columns)
             return columns
@@ -236,15 +262,28 @@ class Campaign:
         if index > MAX_TRIALS:
             raise ValueError(f"index must be at most {MAX_TRIALS} (int32 trial indices), got {index}")
         output, records = self._trials.replay(index)
-        columns = self._columns((output[None], jax.tree.map(lambda a: a[None], records)))
+        computed = Computed(output[None], jax.tree.map(lambda a: a[None], records),
+                            np.asarray([REFERENCE], np.int64))
+        columns = self._columns(computed, lambda program: self._trials.golden)
         return TrialResult(index, output, records,
                            {name: columns[name][0].item() for name in self.outcome_names})
 
-    def _columns(self, out: Outputs) -> dict[str, np.ndarray]:
-        """Per-trial columns of a chunk: outcomes, then every record array."""
-        outputs, records = out
-        columns = outcomes_lib.classification(self.golden, np.asarray(outputs))
-        columns.update(outcomes_lib.custom(self._outcome_fns, self._custom, self.golden, outputs))
+    def _columns(self, out: Computed, golden: Callable[[int], np.ndarray]) -> dict[str, np.ndarray]:
+        """Per-trial columns of a chunk: outcomes against the golden run of
+        each trial's own program, the program, then every record array."""
+        outputs, records, programs = np.asarray(out.output), out.records, np.asarray(out.program)
+        parts = []
+        for program in np.unique(programs) if len(programs) else [REFERENCE]:
+            rows = programs == program
+            reference = self._golden_of(int(program), golden) if len(programs) else self.golden
+            part = outcomes_lib.classification(reference, outputs[rows])
+            part.update(outcomes_lib.custom(self._outcome_fns, self._custom, reference, outputs[rows]))
+            parts.append((rows, part))
+        columns = {name: np.empty((len(programs),) + a.shape[1:], a.dtype) for name, a in parts[0][1].items()}
+        for rows, part in parts:
+            for name, a in part.items():
+                columns[name][rows] = a
+        columns["program"] = programs.astype(np.int64)
         for j, record in enumerate(records):
             for field in Record._fields:
                 columns[_RECORD_COLUMN.format(plan=j, field=field)] = np.asarray(getattr(record, field))
@@ -273,6 +312,7 @@ class Campaign:
             for j in range(len(self.plans)))
         table = pd.DataFrame({"trial": columns["trial"],
                               **{n: columns[n] for n in self.outcome_names},
+                              "program": columns["program"],
                               **fault_summary(records, self.sites)})
         return Result(table, records, self.golden, self.sites, executor, timings, stopped,
                       requested, tuple(self._custom))
@@ -283,16 +323,17 @@ class Campaign:
         output, records = jax.eval_shape(self._trials.fn, self._trials.base_key, np.int32(0),
                                          self.params, self.inputs)
         empty = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), (output, records))
-        return {"trial": np.zeros(0, np.int64), **self._columns(empty)}
+        computed = Computed(*empty, np.zeros(0, np.int64))
+        return {"trial": np.zeros(0, np.int64), **self._columns(computed, lambda program: self._trials.golden)}
 
 
 class _Session:
-    """The executor of one ``run``: built on the first chunk, then reused."""
+    """The executor of one ``run``: decided and built on the first chunk, then reused."""
 
-    def __init__(self, campaign: Campaign, chosen: exec_lib.Executor, chunk_size: int,
-                 devices: list[jax.Device], verify: bool, quiet: bool):
-        self._campaign, self._chosen, self._chunk_size = campaign, chosen, chunk_size
-        self._devices, self._verify, self._quiet = devices, verify, quiet
+    def __init__(self, campaign: Campaign, chosen: exec_lib.Executor, layout: Layout,
+                 devices: list[jax.Device], verify: bool, quiet: bool, db: Store | None):
+        self._campaign, self._chosen, self._layout = campaign, chosen, layout
+        self._devices, self._verify, self._quiet, self._db = devices, verify, quiet, db
         self._runner: exec_lib.Runner | None = None
         self.timings: pd.DataFrame | None = None
         self.bar: Any = None
@@ -301,23 +342,64 @@ class _Session:
     def name(self) -> str:
         return self._runner.name if self._runner is not None else ""
 
-    def compute(self, start: int, stop: int) -> Outputs:
-        if self._runner is not None:
-            return self._runner(start, stop)
-        trials = self._campaign._trials
-        if isinstance(self._chosen, exec_lib.AutoExecutor):
-            self._runner, out, self.timings = exec_lib.choose(
-                self._chosen, trials, self._chunk_size, self._devices, start, stop)
-            if not self._quiet:
-                self.bar.write(f"executor auto chose {self._runner.name!r}:\n"
-                               + self.timings.to_string(index=False))
-        else:
-            self._runner = self._chosen.build(trials, self._chunk_size, self._devices)
+    def golden(self, program: int) -> np.ndarray:
+        """The golden output of the runner's program ``program``."""
+        return self._runner.golden(program)
+
+    def compute(self, start: int, stop: int, trials_left: int) -> Computed:
+        if self._runner is None:
+            chosen = self._decide(start, trials_left)
+            self._runner = self._campaign._runner(chosen, self._layout.width(), self._devices)
             out = self._runner(start, stop)
-            if self._verify and not isinstance(self._chosen, exec_lib.LoopExecutor):
-                exec_lib.verify(self._runner.name, out, trials, start, stop)
-        self.bar.set_postfix(executor=self._runner.name)
-        return out
+            if self._verify and isinstance(chosen, (exec_lib.VmapExecutor, exec_lib.MapExecutor)):
+                exec_lib.verify(self._runner.name, out, self._campaign._trials, start, stop)
+            self.bar.set_postfix(executor=self._runner.name)
+            return out
+        return self._runner(start, stop)
+
+    def _decide(self, start: int, trials_left: int) -> exec_lib.Executor:
+        """The executor: the one the store recorded, else auto's decision (made
+        once per campaign), else the one asked for; recorded in the store."""
+        campaign, db = self._campaign, self._db
+        recorded = db.recorded("executor") if db is not None else None
+        auto = isinstance(self._chosen, exec_lib.AutoExecutor)
+        if recorded is not None:
+            if not auto and recorded != exec_lib.spec(self._chosen):
+                raise ValueError(
+                    f"store {db.path} was computed by executor {recorded.get('name')!r}; a store "
+                    f"is resumed with the executor that computed it, not {self._chosen.name!r}: "
+                    f"pass executor='auto' (or that executor), or use a new store")
+            chosen = exec_lib.from_spec(recorded) if auto else self._chosen
+            if chosen is None:
+                raise ValueError(f"store {db.path} was computed by the custom executor "
+                                 f"{recorded.get('name')!r}: pass that executor object to resume it")
+        elif auto:
+            if campaign._decided is None:
+                campaign._decided, campaign._decision_table = self._auto(start, trials_left)
+            chosen = campaign._decided
+            self.timings = campaign._decision_table
+        else:
+            chosen = self._chosen
+        if db is not None and self._layout.index == 0:
+            db.record("executor", exec_lib.spec(chosen))
+        return chosen
+
+    def _auto(self, start: int, trials_left: int) -> tuple[exec_lib.Executor, pd.DataFrame]:
+        """Auto's probe (process 0 decides for every process)."""
+        auto: exec_lib.AutoExecutor = self._chosen
+        chosen, runner, table = exec_lib.choose(auto, self._campaign._trials, self._layout.width(),
+                                                self._devices, start, trials_left)
+        self._campaign._runners.setdefault(_runner_key(chosen, self._layout.width(), self._devices), runner)
+        options = [exec_lib.LoopExecutor(), *auto.candidates]
+        index = self._layout.decide(next(i for i, o in enumerate(options)
+                                         if exec_lib.spec(o) == exec_lib.spec(chosen)))
+        if not self._quiet:
+            self.bar.write(f"executor auto chose {options[index].name!r}:\n" + table.to_string(index=False))
+        return options[index], table
+
+
+def _runner_key(chosen: exec_lib.Executor, width: int, devices: Sequence[jax.Device]) -> tuple[Any, ...]:
+    return chosen.name, repr(exec_lib.spec(chosen)), width, tuple(devices)
 
 
 class _Tally:

@@ -174,6 +174,12 @@ class Layout:
         raise ValueError(f"processes disagree on {what} (process 0 -> process p):\n"
                          + "\n".join(lines) + hint)
 
+    def decide(self, choice: int) -> int:
+        """Process 0's ``choice`` (an index), on every process."""
+        if self.processes == 1:
+            return choice
+        return int(_allgather(np.asarray([choice], np.int64))[0][0])
+
     def gather(self, compute: Callable[[], Columns], template: Columns,
                start: int, stop: int) -> Columns:
         """Run ``compute`` (this process's share of [start, stop)) and return every process's rows.

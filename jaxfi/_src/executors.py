@@ -1,20 +1,24 @@
-"""Executors: how a chunk of trials is computed, all giving the same bits.
+"""Executors: how a chunk of trials is computed.
 
 A campaign's trials are one pure function ``trial(base_key, index, params,
-inputs) -> (output, records)``. Its definition is the unbatched program
-``jax.jit(trial)`` run on one index: that is what ``Campaign.replay`` and the
-"loop" executor compute. The batched executors are built to reproduce it bit
-for bit (``batching`` says how, and what XLA leaves unguaranteed), and a
-campaign checks their first chunk against it:
+inputs) -> (output, records)``. Its reference is the unbatched program
+``jax.jit(trial)`` run on one index: what ``Campaign.replay`` and the "loop"
+executor compute. Executors are chosen for speed, never for what they sample:
+every executor draws the same faults (records are bitwise equal), and every
+trial's output is compared with the golden run of the program that computed
+it (``Runner.golden``), so "masked" means a bit-identical output whatever the
+executor. Which program computed each trial is part of its results
+(``Computed.program``).
 
+* "grouped" (the fast path, ``grouped``): trials grouped by the first layer
+  they hit, each computing only what its faults change;
 * "vmap": ``jit(vmap(trial))`` over a chunk, with batch-invariant rules for
-  matmuls, convolutions and float reductions (see ``batching``);
-* "map": ``jax.lax.map`` over the chunk's trials (``batch_size`` trials at a
-  time through the same batch-invariant vmap);
-* "loop": a Python loop over the jitted single trial;
-* "auto": times the others (and "map" with batches of 8) briefly on the first
-  chunk and keeps the fastest of those whose results equal the loop's bit for
-  bit.
+  matmuls, convolutions and float reductions (see ``batching``), checked to
+  give the reference's bits;
+* "map": ``jax.lax.map`` over the chunk's trials, likewise;
+* "loop": a Python loop over the jitted single trial (the reference);
+* "auto": decides once, from a probe on the campaign's first trials, between
+  its candidates (see ``choose``).
 
 A chunk's trial axis is sharded over every device given (a 1-D mesh with
 ``shard_map``; params and inputs replicated), and its program is compiled once
@@ -39,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxfi._src.batching import batch_invariant
 from jaxfi._src.grouped import GroupedExecutor
-from jaxfi._src.trial import Outputs, Trials, same_bits, trial_function
+from jaxfi._src.trial import REFERENCE, Computed, Outputs, Trials, same_bits, trial_function
 
 TRIAL_AXIS = "trials"
 
@@ -60,11 +64,20 @@ class Runner(Protocol):
     width: int
     compile_seconds: float
 
-    def __call__(self, start: int, stop: int) -> Outputs: ...
+    def __call__(self, start: int, stop: int) -> Computed: ...
+
+    def golden(self, program: int) -> np.ndarray:
+        """The output of program ``program`` when no fault lands."""
 
 
 def _first(tree: Any, n: int) -> Any:
     return jax.tree.map(lambda a: np.asarray(a)[:n], tree)
+
+
+def _reference(out: Outputs) -> Computed:
+    """Outputs of the reference program (or one checked to give its bits)."""
+    output, records = out
+    return Computed(output, records, np.full(len(output), REFERENCE, np.int64))
 
 
 class _ShardedRunner:
@@ -74,6 +87,7 @@ class _ShardedRunner:
                  devices: Sequence[jax.Device], local: Callable[..., Any]):
         self.name = name
         self.width = -(-chunk_size // len(devices)) * len(devices)
+        self._trials = trials
         mesh = Mesh(np.asarray(devices), (TRIAL_AXIS,))
         self._split = NamedSharding(mesh, PartitionSpec(TRIAL_AXIS))
         self._args = jax.device_put((trials.base_key, trials.params, trials.inputs),
@@ -91,10 +105,14 @@ class _ShardedRunner:
     def _indices(self, start: int) -> jax.Array:
         return jax.device_put(np.arange(start, start + self.width, dtype=np.int32), self._split)
 
-    def __call__(self, start: int, stop: int) -> Outputs:
+    def __call__(self, start: int, stop: int) -> Computed:
         base, params, inputs = self._args
         out = self._compiled(base, self._indices(start), params, inputs)
-        return _first(jax.device_get(out), stop - start)
+        return _reference(_first(jax.device_get(out), stop - start))
+
+    def golden(self, program: int) -> np.ndarray:
+        """The reference program's golden output (this runner gives its bits)."""
+        return self._trials.golden
 
 
 class _LoopRunner:
@@ -104,20 +122,27 @@ class _LoopRunner:
 
     def __init__(self, trials: Trials, chunk_size: int, devices: Sequence[jax.Device]):
         self.width = chunk_size
-        self._single = trials.single
+        self._trials = trials
         self._placed = [jax.device_put((trials.base_key, trials.params, trials.inputs), d)
                         for d in devices]
         began = time.perf_counter()
-        for base, params, inputs in self._placed:
-            jax.block_until_ready(self._single(base, np.int32(0), params, inputs))
+        # Compiled ahead of time, so that compile_seconds is the compile's cost
+        # even when jit has compiled the trial before.
+        self._compiled = [trials.single.lower(base, np.int32(0), params, inputs).compile()
+                          for base, params, inputs in self._placed]
         self.compile_seconds = time.perf_counter() - began
 
-    def __call__(self, start: int, stop: int) -> Outputs:
+    def __call__(self, start: int, stop: int) -> Computed:
         outs = []
         for i in range(start, stop):
-            base, params, inputs = self._placed[(i - start) % len(self._placed)]
-            outs.append(self._single(base, np.int32(i), params, inputs))
-        return jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(outs))
+            d = (i - start) % len(self._placed)
+            base, params, inputs = self._placed[d]
+            outs.append(self._compiled[d](base, np.int32(i), params, inputs))
+        return _reference(jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(outs)))
+
+    def golden(self, program: int) -> np.ndarray:
+        """The reference program's golden output."""
+        return self._trials.golden
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,22 +197,28 @@ class LoopExecutor:
 
 @dataclasses.dataclass(frozen=True)
 class AutoExecutor:
-    """Time ``candidates`` on the first chunk and keep the fastest bitwise-correct one.
+    """Decide once, on the campaign's first trials, which candidate runs it.
 
-    The loop is timed on ``probe`` trials and is the reference: a candidate
-    whose results differ from it in any bit is never chosen.
+    Args:
+      candidates: executors to choose from; the loop is always timed (it is
+        the reference) and chosen when nothing else is faster.
+      probe: trials the loop is timed on.
+      sample: trials a candidate is timed on (twice: compiling, then running).
     """
 
-    candidates: tuple[Any, ...] = ("grouped", "vmap", "map", MapExecutor(8), "loop")
+    candidates: tuple[Any, ...] = ("grouped", "loop")
     probe: int = 8
+    sample: int = 128
     name = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "candidates", tuple(executor(c) for c in self.candidates))
         if not self.candidates or any(isinstance(c, AutoExecutor) for c in self.candidates):
             raise ValueError("AutoExecutor needs one or more candidates, none of them 'auto'")
-        if self.probe < 1:
-            raise ValueError(f"AutoExecutor probe must be >= 1, got {self.probe!r}")
+        for name in ("probe", "sample"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AutoExecutor {name} must be a positive int, got {value!r}")
 
 
 Executor = VmapExecutor | MapExecutor | LoopExecutor | GroupedExecutor | AutoExecutor
@@ -208,14 +239,38 @@ def executor(spec: str | Executor) -> Executor:
     raise ValueError(f"executor must be one of {sorted(_NAMED)} or an executor object, got {spec!r}")
 
 
-def verify(name: str, out: Outputs, trials: Trials, start: int, stop: int) -> None:
-    """Check the first and last trial of a chunk against the unbatched trial."""
+_REFERENCE_FAMILY = {"executor": "reference", "name": "reference (loop, map or vmap)"}
+
+
+def spec(chosen: Executor) -> dict[str, Any]:
+    """A JSON description of the programs an executor computes trials with
+    (what a store records): the reference family (loop, map, vmap: all
+    checked to give the unbatched trial's bits), or another executor's type
+    and settings."""
+    if isinstance(chosen, (LoopExecutor, MapExecutor, VmapExecutor)):
+        return dict(_REFERENCE_FAMILY)
+    fields = dataclasses.asdict(chosen) if dataclasses.is_dataclass(chosen) else {}
+    return {"executor": type(chosen).__name__, "name": chosen.name, **fields}
+
+
+def from_spec(recorded: dict[str, Any]) -> Executor | None:
+    """An executor giving the programs a ``spec`` describes, or None for a custom one."""
+    if recorded == _REFERENCE_FAMILY:
+        return LoopExecutor()
+    if recorded.get("executor") != GroupedExecutor.__name__:
+        return None
+    return GroupedExecutor(**{k: v for k, v in recorded.items() if k not in ("executor", "name")})
+
+
+def verify(name: str, out: Computed, trials: Trials, start: int, stop: int) -> None:
+    """Check that a reference-family runner gave the unbatched trial's bits on
+    the first and last trial of a chunk."""
     for i in sorted({start, stop - 1}):
-        if not same_bits(_first(_drop(out, i - start), 1), _expand(trials.replay(i))):
+        if not same_bits(_first(_drop(out[:2], i - start), 1), _expand(trials.replay(i))):
             raise NotBitwiseError(
                 f"executor {name!r} gave different bits than the unbatched trial {i} on this "
                 "model and backend (XLA compiled the batched program differently); use "
-                "executor='loop' or 'map', or 'auto' to pick a consistent one")
+                "executor='loop', 'grouped' or 'auto'")
 
 
 def _drop(tree: Any, n: int) -> Any:
@@ -226,46 +281,55 @@ def _expand(tree: Any) -> Any:
     return jax.tree.map(lambda a: np.asarray(a)[None], tree)
 
 
-def _concat(a: Outputs, b: Outputs) -> Outputs:
-    return jax.tree.map(lambda x, y: np.concatenate([x, y]), a, b)
+def choose(auto: AutoExecutor, trials: Trials, chunk_size: int, devices: Sequence[jax.Device],
+           start: int, remaining: int) -> tuple[Executor, Runner, pd.DataFrame]:
+    """Pick the candidate that runs ``remaining`` trials from ``start`` soonest.
 
-
-def choose(auto: AutoExecutor, trials: Trials, chunk_size: int,
-           devices: Sequence[jax.Device], start: int, stop: int) -> tuple[Runner, Outputs, pd.DataFrame]:
-    """Time every candidate on trials [start, stop) and pick the fastest consistent one.
-
-    Returns the chosen runner, the chunk's outputs (computed while timing) and
-    a table of executor, trials_per_s, compile_s and bitwise per candidate.
+    The loop is compiled and timed on ``auto.probe`` trials. A candidate is
+    skipped when the loop would finish all remaining trials before the
+    candidate compiled (estimated as one loop compile per program it needs);
+    otherwise it runs ``auto.sample`` trials twice, compiling then running,
+    and the second run gives its rate. Reference-family candidates (vmap,
+    map) must also give the loop's bits. The choice is the least estimated
+    time to finish; the table (executor, trials_per_s, compile_s, estimate_s,
+    usable, chosen) says why.
     """
     loop = LoopExecutor().build(trials, chunk_size, devices)
-    probe = min(auto.probe, stop - start)
+    probe = min(auto.probe, max(1, remaining))
     began = time.perf_counter()
     reference = loop(start, start + probe)
     loop_rate = probe / (time.perf_counter() - began)
-    rows, runners, chunk = [], {}, None
+    rows = [_row("loop", loop_rate, loop.compile_seconds, remaining / loop_rate, True)]
+    runners: dict[str, tuple[Executor, Runner]] = {"loop": (LoopExecutor(), loop)}
+    sample = min(auto.sample, max(1, remaining))
     for candidate in auto.candidates:
         if isinstance(candidate, LoopExecutor):
-            rows.append(_row("loop", loop_rate, loop.compile_seconds, True))
-            runners["loop"] = loop
             continue
         runner = candidate.build(trials, chunk_size, devices)
-        began = time.perf_counter()
-        out = runner(start, stop)
-        rate = runner.width / (time.perf_counter() - began)
-        consistent = same_bits(_first(out, probe), reference)
-        rows.append(_row(runner.name, rate, runner.compile_seconds, consistent))
-        if consistent:
-            runners[runner.name] = runner
-            chunk = out if chunk is None else chunk
+        programs = len(set(runner.keys(np.arange(start, start + sample)))) if hasattr(runner, "keys") else 1
+        if remaining / loop_rate < programs * loop.compile_seconds:
+            rows.append(_row(runner.name, float("nan"), float("nan"), float("inf"), False))
+            continue
+        compile_s = runner.compile_seconds + _timed(runner, start, start + sample)
+        rate = sample / _timed(runner, start, start + sample)
+        usable = not isinstance(candidate, (VmapExecutor, MapExecutor)) or same_bits(
+            _first(runner(start, start + probe)[:2], probe), reference[:2])
+        rows.append(_row(runner.name, rate, compile_s, remaining / rate, usable))
+        runners[runner.name] = (candidate, runner)
     table = pd.DataFrame(rows)
-    usable = table[table["bitwise"]]
-    # The loop is the reference, so it is the fallback when nothing else agrees.
-    best = runners[usable.loc[usable["trials_per_s"].idxmax(), "executor"]] if len(usable) else loop
-    table["chosen"] = table["executor"] == best.name
-    if chunk is None:
-        chunk = _concat(reference, loop(start + probe, stop)) if stop > start + probe else reference
-    return best, chunk, table
+    usable = table[table["usable"]]
+    best, runner = runners[usable.loc[usable["estimate_s"].idxmin(), "executor"]]
+    table["chosen"] = table["executor"] == runner.name
+    return best, runner, table
 
 
-def _row(name: str, rate: float, compile_s: float, bitwise: bool) -> dict[str, Any]:
-    return {"executor": name, "trials_per_s": rate, "compile_s": compile_s, "bitwise": bitwise}
+def _timed(runner: Runner, start: int, stop: int) -> float:
+    began = time.perf_counter()
+    for a in range(start, stop, runner.width):
+        runner(a, min(stop, a + runner.width))
+    return time.perf_counter() - began
+
+
+def _row(name: str, rate: float, compile_s: float, estimate_s: float, usable: bool) -> dict[str, Any]:
+    return {"executor": name, "trials_per_s": rate, "compile_s": compile_s, "estimate_s": estimate_s,
+            "usable": usable}

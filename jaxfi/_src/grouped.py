@@ -6,24 +6,29 @@ the earliest layer they hit, in program order, for each plan. A group runs a
 program restricted (``trial.restricted``) to the sites of that layer and
 later ones and split there (``rows``): the golden values it reads are
 computed once per group, and each trial computes only what its faults reach:
-from a weight fault on, the whole batch; from an input or activation fault
-on, the rows it hit, up to the first operation that mixes rows. Trials that
-also hit a site without a batch axis (a broadcast bias, say) form groups of
-their own without row slicing. Trials that drew no fault cost almost nothing.
-Within a group, trials run one at a time through ``lax.map``.
+from a weight fault on, the whole batch, the faulted matmul or convolution
+itself as its golden result plus the changed weights' terms; from an input or
+activation fault on, the rows it hit, up to the first operation that mixes
+rows. Trials that also hit a site without a batch axis (a broadcast bias,
+say) form groups of their own without row slicing. Trials that drew no fault
+cost almost nothing. Within a group, trials run one at a time in a loop
+inside one compiled call, so a trial's bits do not depend on the others.
 
-Every group's program is probed bit for bit against the unbatched trial on
-the group's first trials; if XLA rounds it differently (its fusion choices
-differ around BatchNorm on CPU), the unsplit program is probed, and if that
-differs too the group's trials run one by one as the unbatched trial. The
-campaign's ``verify`` also checks every run's first chunk. Each layer
-compiles one program, so this pays off from about a thousand trials.
+A group's program rounds differently from the unbatched trial in the last
+bits; every trial is therefore compared with the golden run of its own
+program (``golden(program)``: the same program with no fault landing), so
+"masked" still means bit-identical. Each trial's program is named by its
+group (``program_id``), which depends only on its faults. At most
+``max_programs`` split points are compiled, chosen where most of the
+population lies; a trial whose layer has no program of its own runs from the
+nearest split point before it. Programs compile when a group first appears.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -39,15 +45,18 @@ from jaxfi._src.inject import plan_faults
 from jaxfi._src.plan import Plan, Population
 from jaxfi._src.rows import RowProgram, row_sites
 from jaxfi._src.sites import param_sites
-from jaxfi._src.trial import Trials, plan_key, restricted, same_bits, sites_of, trial_key
+from jaxfi._src.trial import GOLDEN_INDEX, Computed, Trials, plan_key, sites_of, trial_key
 
 TRIAL_AXIS = "trials"
 _NEVER = np.iinfo(np.int32).max
-# Distinct trials of a group checked against the unbatched trial before its program is used.
-_PROBES = 4
 # Per plan, the program rank of the earliest site hit (None: no hit); then
 # whether a fault landed on a site without a batch axis (see ``rows``).
 Key = tuple[tuple[int | None, ...], bool]
+
+
+def program_id(label: str) -> int:
+    """A stable id for a program's label (the same in every process)."""
+    return zlib.crc32(label.encode()) & 0x7FFFFFFF
 
 
 def param_order(apply_fn: Callable[..., Any], params: Any, inputs: Any) -> dict[str, int]:
@@ -83,7 +92,7 @@ def _layer(site: Any) -> str:
     if site.kind == "activations":
         return getattr(site, "scope", "") or site.name
     parts = site.name.split("/")
-    return "/".join(parts[1:-1] if len(parts) > 2 else parts[:-1])
+    return "/".join(parts[1:-1] if len(parts) > 2 else parts[:-1] if len(parts) == 2 else parts)
 
 
 def _layer_ranks(sites: Sequence[Any], rank: Sequence[int]) -> tuple[int, ...]:
@@ -98,7 +107,23 @@ def _layer_ranks(sites: Sequence[Any], rank: Sequence[int]) -> tuple[int, ...]:
     return tuple(first[_layer(site)] for site in sites)
 
 
-def _views(apply_fn, plans: Sequence[Plan], params: Any, inputs: Any) -> list[_PlanView]:
+def _split_points(views: Sequence[_PlanView], limit: int) -> dict[int, int]:
+    """Each rank mapped to the split point it runs from: at most ``limit``
+    split points, the earliest rank and those holding most of the populations."""
+    weight: dict[int, float] = defaultdict(float)
+    for view in views:
+        for site, r in zip(view.pop.sites, view.rank):
+            weight[r] += site.size * (site.bits if view.plan.granularity == "bit" else 1) / max(1, view.pop.total)
+    ranks = sorted(weight)
+    keep = set(ranks[:1]) | set(sorted(ranks[1:], key=lambda r: (-weight[r], r))[:limit - 1])
+    points, current = {}, ranks[0] if ranks else 0
+    for r in ranks:
+        current = r if r in keep else current
+        points[r] = current
+    return points
+
+
+def _views(apply_fn, plans: Sequence[Plan], params: Any, inputs: Any, limit: int) -> list[_PlanView]:
     views = []
     order = None
     rowed = row_sites(apply_fn, params, inputs) if any(p.kind != "params" for p in plans) else frozenset()
@@ -113,7 +138,8 @@ def _views(apply_fn, plans: Sequence[Plan], params: Any, inputs: Any) -> list[_P
             rank = list(range(len(pop.sites))) if plan.kind == "activations" else [0] * len(pop.sites)
         by_row = tuple(plan.kind == "params" or s.name in rowed for s in pop.sites)
         views.append(_PlanView(plan, pop, _layer_ranks(pop.sites, rank), by_row))
-    return views
+    points = _split_points(views, limit)
+    return [dataclasses.replace(v, rank=tuple(points[r] for r in v.rank)) for v in views]
 
 
 class GroupedRunner:
@@ -123,28 +149,23 @@ class GroupedRunner:
         if trials.apply_fn is None or trials.plans is None:
             raise ValueError("the grouped executor needs a campaign's apply_fn and plans")
         self.name = executor.name
-        group_width, sparse = executor.group_width, executor.sparse
         self.width = chunk_size
         self._trials = trials
-        self._group = -(-group_width // len(devices)) * len(devices)
+        self._incremental = executor.incremental
+        self._group = -(-executor.group_width // len(devices)) * len(devices)
         self._mesh = Mesh(np.asarray(devices), (TRIAL_AXIS,))
         self._args = jax.device_put((trials.base_key, trials.params, trials.inputs),
                                     NamedSharding(self._mesh, PartitionSpec()))
-        self._views = _views(trials.apply_fn, trials.plans, trials.params, trials.inputs)
-        self._sparse = sparse
-        self._probed = executor.bitwise and not sparse
+        self._views = _views(trials.apply_fn, trials.plans, trials.params, trials.inputs, executor.max_programs)
         self._programs: dict[Key, tuple[Any, Any]] = {}
+        self._paths: dict[Key, RowProgram] = {}
+        self._keys: dict[int, Key] = {}
+        self._goldens: dict[int, Any] = {}
         began = time.perf_counter()
         self._hits = jax.jit(self._hit_fn())
         self.compile_seconds = 0.0
-        self._warm(np.arange(self.width, dtype=np.int32))
+        self.keys(np.arange(1, dtype=np.int32))
         self.compile_seconds = time.perf_counter() - began
-
-    def _warm(self, indices: np.ndarray) -> None:
-        """Compile the programs of the first chunk's groups, so that timing a
-        chunk measures running; rarer groups compile when they first appear."""
-        for key, positions in self._grouped(indices).items():
-            jax.block_until_ready(self._run_group(key, indices[positions][:_PROBES]))
 
     def _hit_fn(self) -> Callable[..., Any]:
         views = self._views
@@ -164,91 +185,83 @@ class GroupedRunner:
     def keys(self, indices: np.ndarray) -> list[Key]:
         """Per trial, the program rank of the earliest site hit by each plan
         (None: no hit) and whether a fault hit a site without a batch axis."""
-        padded = np.resize(indices, self.width).astype(np.int32)
+        padded = np.resize(indices, max(self.width, len(indices))).astype(np.int32)
         earliest, wide = jax.device_get(self._hits(self._args[0], padded))
         return [(tuple(None if int(e[t]) == _NEVER else int(e[t]) for e in earliest), bool(wide[t]))
                 for t in range(len(indices))]
 
-    def _trial(self, key: Key, split: bool) -> tuple[Callable[..., Any], Any]:
-        """The trial function of a group and the extra argument it reads."""
+    def _trial(self, key: Key) -> tuple[Callable[..., Any], Any]:
+        """The trial function of a group and the golden values it reads."""
         ranks, wide = key
         only = tuple(v.only(k, wide) for v, k in zip(self._views, ranks))
-        plans, apply_fn = self._trials.plans, self._trials.apply_fn
-        params_only = all(v.plan.kind == "params" for v in self._views)
-        if not split and params_only:
-            fn = restricted(apply_fn, plans, only)
-            return (lambda base_key, i, params, inputs, _: fn(trial_key(base_key, i), params, inputs)), ()
-        if not split:
-            # Restricting activation or input sites changes where XLA fuses,
-            # so these groups fall back to the campaign's own trial.
-            return (lambda base_key, i, params, inputs, _: self._trials.fn(base_key, i, params, inputs)), ()
-        program = RowProgram(apply_fn, self._trials.params, self._trials.inputs, plans,
-                             [v.pop for v in self._views], only, sparse=self._sparse)
+        program = RowProgram(self._trials.apply_fn, self._trials.params, self._trials.inputs, self._trials.plans,
+                             [v.pop for v in self._views], only, incremental=self._incremental)
+        self._paths[key] = program
         golden = program.golden(*self._args[1:])
-        return (lambda base_key, i, params, inputs, golden: program.trial(
-            trial_key(base_key, i), params, golden)), golden
+        return (lambda base_key, i, params, golden: program.trial(
+            trial_key(base_key, i), params, golden, live=i >= 0)), golden
 
-    def _compiled(self, key: Key, split: bool) -> tuple[Any, Any]:
-        trial, extra = self._trial(key, split)
+    def _compiled(self, key: Key) -> tuple[Any, Any]:
+        trial, golden = self._trial(key)
 
-        def local(base_key, indices, count, params, inputs, extra):
+        def local(base_key, indices, count, params, golden):
             # A loop over the first ``count`` slots only: a group's last call
             # (or a group of one) costs its own trials, not the program width.
             def one(j, out):
-                result = trial(base_key, indices[j], params, inputs, extra)
+                result = trial(base_key, indices[j], params, golden)
                 return jax.tree.map(lambda o, r: lax.dynamic_update_index_in_dim(o, r, j, 0), out, result)
 
-            shapes = jax.eval_shape(lambda i: trial(base_key, i, params, inputs, extra), indices[0])
+            shapes = jax.eval_shape(lambda i: trial(base_key, i, params, golden), indices[0])
             empty = jax.tree.map(lambda s: jnp.zeros(indices.shape + s.shape, s.dtype), shapes)
             return lax.fori_loop(0, count[0], one, empty)
 
         program = jax.jit(jax.shard_map(
             local, mesh=self._mesh, out_specs=PartitionSpec(TRIAL_AXIS), check_vma=False,
             in_specs=(PartitionSpec(), PartitionSpec(TRIAL_AXIS), PartitionSpec(TRIAL_AXIS), PartitionSpec(),
-                      PartitionSpec(), PartitionSpec())))
-        return program, extra
+                      PartitionSpec())))
+        return program, golden
 
-    def _program(self, key: Key, indices: np.ndarray) -> tuple[Any, Any] | None:
-        """The group's program (compiled on first use; probed unless told not to)."""
+    def _program(self, key: Key) -> tuple[Any, Any]:
+        """The group's program, compiled on first use."""
         if key not in self._programs:
             began = time.perf_counter()
-            self._programs[key] = (self._probed_program(key, indices[:_PROBES]) if self._probed
-                                   else self._compiled(key, split=True))
+            self._programs[key] = self._compiled(key)
+            self._call(self._programs[key], np.asarray([GOLDEN_INDEX], np.int32))
             self.compile_seconds += time.perf_counter() - began
         return self._programs[key]
 
-    def _probed_program(self, key: Key, probe: np.ndarray) -> tuple[Any, Any] | None:
-        """The split program if trials ``probe`` match the unbatched trial bit
-        for bit (XLA may round a separately compiled part differently, e.g.
-        around BatchNorm, or compute one row differently from a batch), else
-        the unsplit one if they match, else None: the group's trials then run
-        one by one as the unbatched trial."""
-        expected = jax.tree.map(lambda *xs: np.stack(xs), *[self._trials.replay(int(i)) for i in probe])
-        for split in (True, False):
-            compiled = self._compiled(key, split)
-            if same_bits(self._call(compiled, probe), expected):
-                return compiled
-        return None
-
     def _call(self, compiled: tuple[Any, Any], indices: np.ndarray) -> Any:
         """Trials ``indices`` (at most the group width) through a group program."""
-        program, extra = compiled
+        program, golden = compiled
         per_device = self._group // len(self._mesh.devices)
         counts = np.clip(len(indices) - per_device * np.arange(len(self._mesh.devices)), 0, per_device)
         padded = np.resize(indices, self._group).astype(np.int32)
         split = NamedSharding(self._mesh, PartitionSpec(TRIAL_AXIS))
-        base, params, inputs = self._args
+        base, params, _ = self._args
         out = program(base, jax.device_put(padded, split), jax.device_put(counts.astype(np.int32), split),
-                      params, inputs, extra)
+                      params, golden)
         return jax.tree.map(lambda a: np.asarray(a)[:len(indices)], jax.device_get(out))
 
     def _run_group(self, key: Key, indices: np.ndarray) -> Any:
-        compiled = self._program(key, indices)
-        if compiled is None:
-            outs = [jax.tree.map(lambda a: a[None], self._trials.replay(int(i))) for i in indices]
-        else:
-            outs = [self._call(compiled, indices[i:i + self._group]) for i in range(0, len(indices), self._group)]
+        compiled = self._program(key)
+        outs = [self._call(compiled, indices[i:i + self._group]) for i in range(0, len(indices), self._group)]
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+    def paths(self) -> pd.DataFrame:
+        """One row per compiled program: its id, group key (earliest rank hit
+        per plan, wide), the rows it slices (0: whole batch) and the
+        primitives it evaluates incrementally."""
+        ident = {key: p for p, key in self._keys.items()}
+        return pd.DataFrame([{"program": ident.get(key, -1), "key": key, "rows": row_program.rows,
+                              "corrected": row_program.corrected}
+                             for key, row_program in self._paths.items()])
+
+    def golden(self, program: int) -> np.ndarray:
+        """The output of program ``program`` with no fault landing (what its trials are compared with)."""
+        if program not in self._goldens:
+            output, _ = self._call(self._program(self._keys[program]), np.asarray([GOLDEN_INDEX], np.int32))
+            self._goldens[program] = output[0]
+        return self._goldens[program]
 
     def _grouped(self, indices: np.ndarray) -> dict[Key, list[int]]:
         groups: dict[Key, list[int]] = defaultdict(list)
@@ -256,44 +269,47 @@ class GroupedRunner:
             groups[key].append(position)
         return groups
 
-    def __call__(self, start: int, stop: int) -> Any:
+    def __call__(self, start: int, stop: int) -> Computed:
         indices = np.arange(start, stop, dtype=np.int32)
-        result = None
+        result, programs = None, np.zeros(len(indices), np.int64)
         for key, positions in self._grouped(indices).items():
             out = self._run_group(key, indices[positions])
+            ident = program_id(f"grouped{self._incremental * '+incremental'}:{key}")
+            self._keys[ident] = key
+            programs[positions] = ident
             if result is None:
                 result = jax.tree.map(lambda a: np.empty((len(indices),) + a.shape[1:], a.dtype), out)
             for dst, src in zip(jax.tree.leaves(result), jax.tree.leaves(out)):
                 dst[positions] = src
-        return result
+        return Computed(*result, programs)
 
 
 @dataclasses.dataclass(frozen=True)
 class GroupedExecutor:
-    """Prefix sharing: trials grouped by earliest hit site, ``group_width`` per call.
+    """Prefix sharing: trials grouped by the earliest layer hit, ``group_width`` per call.
 
-    ``bitwise=False`` uses every split program without probing it, where
-    XLA may round it differently from the unbatched trial (on CPU: models
-    with BatchNorm and pooling); ``sparse=True`` evaluates a faulted dense
-    layer as the golden product plus the changed weights' terms (params plans
-    only), which is never bitwise equal to recomputation. Either needs a
-    campaign run with ``verify=False``; ``benchmarks/throughput.py`` measures
-    how often their outcomes differ from exact recomputation.
+    Args:
+      group_width: trials per compiled call (a loop inside one call).
+      incremental: evaluate a faulted matmul or convolution as its golden
+        result plus the changed weights' terms (else recompute the layer).
+      max_programs: most split points compiled (see the module doc).
     """
 
-    group_width: int = 16
-    sparse: bool = False
-    bitwise: bool = True
+    group_width: int = 64
+    incremental: bool = True
+    max_programs: int = 8
 
     def __post_init__(self):
-        if not isinstance(self.group_width, int) or self.group_width < 1:
-            raise ValueError(f"GroupedExecutor group_width must be a positive int, got {self.group_width!r}")
+        for name in ("group_width", "max_programs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GroupedExecutor {name} must be a positive int, got {value!r}")
 
     @property
     def name(self) -> str:
-        extra = (", sparse" if self.sparse else "") + ("" if self.bitwise else ", bitwise=False")
-        return f"grouped(width={self.group_width}{extra})"
+        extra = "" if self.incremental else ", incremental=False"
+        return f"grouped(width={self.group_width}, programs={self.max_programs}{extra})"
 
     def build(self, trials: Trials, chunk_size: int, devices: Sequence[jax.Device]) -> GroupedRunner:
-        """Prepare the fault sampler and compile the first chunk's group programs."""
+        """Prepare the fault sampler; group programs compile when first needed."""
         return GroupedRunner(trials, chunk_size, devices, self)

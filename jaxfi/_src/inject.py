@@ -295,19 +295,35 @@ def plan_faults(key: jax.Array, pop: Population) -> Faults:
     return sample_faults(plan_keys(key)[0], pop)
 
 
+def live_faults(key: jax.Array, pop: Population, live: jax.Array | None = None) -> Faults:
+    """``sample_faults``, with every fault dropped where ``live`` is False.
+
+    A trial run with ``live=False`` is the golden run of the very program
+    that computes the trials: same operations, no fault lands.
+    """
+    faults = sample_faults(key, pop)
+    if live is None:
+        return faults
+    valid = faults.valid & live
+    return faults._replace(site=jnp.where(valid, faults.site, -1), valid=valid,
+                           overflow=faults.overflow & live)
+
+
 def inject_arrays(key: jax.Array, arrays: Sequence[jax.Array], sites: Sequence[Site],
-                  plan: Plan, only: frozenset[int] | None = None) -> tuple[list[jax.Array], Record]:
+                  plan: Plan, only: frozenset[int] | None = None,
+                  live: jax.Array | None = None) -> tuple[list[jax.Array], Record]:
     """Inject one trial of ``plan`` into ``arrays``, described one-to-one by ``sites``.
 
     ``only`` (population site indices) skips the other sites: the result is
     the same provided the trial's faults all land in ``only``, and the
     skipped arrays stay independent of ``key`` (unbatched under vmap).
+    ``live``: see ``live_faults``.
     """
     pop = plan.population(tuple(sites))
     position = {site.name: i for i, site in enumerate(sites)}
     arrays = list(arrays)
     k_sample, k_apply = plan_keys(key)
-    faults = sample_faults(k_sample, pop)
+    faults = live_faults(k_sample, pop, live)
     parts = []
     for s, spec in enumerate(pop.sites):
         if only is not None and s not in only:
@@ -335,14 +351,14 @@ def inject(key: jax.Array, params: Any, plan: Plan) -> tuple[Any, Record]:
     return inject_params(key, params, plan)
 
 
-def inject_params(key: jax.Array, params: Any, plan: Plan,
-                  only: frozenset[int] | None = None) -> tuple[Any, Record]:
-    """``inject`` restricted to the population sites ``only`` (see ``inject_arrays``)."""
+def inject_params(key: jax.Array, params: Any, plan: Plan, only: frozenset[int] | None = None,
+                  live: jax.Array | None = None) -> tuple[Any, Record]:
+    """``inject`` restricted to the population sites ``only``, live or not (see ``inject_arrays``)."""
     if plan.kind != "params":
         raise ValueError(f"inject takes a plan over params sites, got a {plan.kind} plan")
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     arrays = [x for p, x in paths if hasattr(x, "dtype")]
-    faulty, record = inject_arrays(key, arrays, param_sites(params), plan, only)
+    faulty, record = inject_arrays(key, arrays, param_sites(params), plan, only, live)
     it = iter(faulty)
     leaves = [next(it) if hasattr(x, "dtype") else x for _, x in paths]
     return jax.tree_util.tree_unflatten(treedef, leaves), record

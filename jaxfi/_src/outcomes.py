@@ -16,9 +16,9 @@ Per trial, over the evaluation batch of B inputs (logits reshaped to [B, C]):
 * ``sdc``, ``sdc5``, ``due``: the trial has at least one such input.
 * ``masked``: no SDC and no DUE on any input. Masking is defined on outcomes,
   not bits: a trial whose logits moved without changing any top-1 is masked.
-  ``identical`` says whether the logits are bitwise equal to golden's (the
-  golden run is a different XLA program, so a fault without any effect can in
-  principle still differ in the last bits; on the models tested it did not).
+  ``identical`` says whether the logits are bitwise equal to golden's; the
+  golden compared with is the run of the same compiled program with no fault
+  landing, so last-bit rounding of another program never counts here.
 * ``accuracy``: fraction of inputs classified correctly (DUE inputs count as
   wrong); needs labels.
 * ``max_abs_dev``: largest |faulty - golden| over all logits, ``rel_l2``:

@@ -15,31 +15,34 @@ then, from the first other operation on, on the whole batch with those rows
 written into the golden values. A convolutional trunk hit by one fault thus
 costs one example instead of the batch. Which rows are computed is drawn
 with the trial's faults; their number is static (the plans' fault caps).
-Weight faults reach every row: from the first operation reading a faulted
-leaf on, the trial runs on the whole batch (``sparse`` evaluates a faulted
-dense layer as the golden product plus the changed weights' terms instead).
+Weight faults reach every row. A matmul or convolution of a golden operand
+with a faulted weight is evaluated incrementally: its golden result plus the
+changed weights' terms (a few output columns or channels); from there the
+trial runs on the whole batch. ``incremental=False`` recomputes such layers.
 
 Records equal ``faulty``'s: the same faults are drawn from the same keys and
-indexed in the whole arrays. Whether the values equal the unsliced trial bit
-for bit depends on the backend's kernels, so callers check (the grouped
-executor probes every program against the unbatched trial).
+indexed in the whole arrays. Output values may differ from the unsliced trial
+in the last bits (other kernels, other fusion, the corrections' rounding), so
+a trial is compared with the golden run of the same program
+(``trial(..., live=False)``), never with another program's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.extend import core as jex
 
 from jaxfi._src import bits as bits_lib
 from jaxfi._src import interpret
-from jaxfi._src.inject import (Faults, apply_rows, apply_site, assemble_record, inject_params, movable, plan_keys,
-                               sample_faults)
+from jaxfi._src.inject import (Faults, apply_rows, apply_site, assemble_record, inject_params, live_faults, movable,
+                               plan_keys)
 from jaxfi._src.plan import Plan, Population
 from jaxfi._src.sites import param_sites
 from jaxfi._src.trial import input_sites, plan_key
@@ -58,6 +61,7 @@ _ELEMENTWISE = frozenset({
 _REDUCTIONS = frozenset({"reduce_max", "reduce_min", "reduce_and", "reduce_or", "reduce_xor",
                          "argmax", "argmin"})
 _WINDOWS = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
+_MAX_CONV_CORRECTIONS = 16
 # Params that spell the batch size of an operation's output.
 _SHAPE_PARAMS = {"reshape": "new_sizes", "broadcast_in_dim": "shape", "slice": "limit_indices"}
 
@@ -182,9 +186,10 @@ class RowProgram:
 
     def __init__(self, fn: Callable[[Any, Any], Any], params: Any, inputs: Any,
                  plans: Sequence[Plan], pops: Sequence[Population], only: Sequence[frozenset[int]],
-                 sparse: bool = False):
+                 incremental: bool = True):
         program, arrays = interpret.trace(fn, (params, inputs))
-        self._sparse_cap = sum(pop.cap for plan, pop in zip(plans, pops) if plan.kind == "params") if sparse else 0
+        self._incremental = incremental
+        self._params_cap = sum(pop.cap for plan, pop in zip(plans, pops) if plan.kind == "params")
         self._flat = flat = program
         self._out_tree = program.out_tree
         self._plans, self._pops, self._only = tuple(plans), tuple(pops), tuple(only)
@@ -225,8 +230,8 @@ class RowProgram:
             self._hooked_mode(op.outs, batched, mode)
         self._mode = mode
         doubled = self._doubled(hows, mode)
-        self._sparse_ops = {n for n, (op, how) in enumerate(zip(flat.ops, hows))
-                        if self._sparse_cap and how == "full" and _is_dense(op, faulted, mode)}
+        self._corrected = {n for n, (op, how) in enumerate(zip(flat.ops, hows)) if self._incremental
+                           and how == "full" and _correctable(op, faulted, mode, self._params_cap)}
         self._steps = [(op, _rows_recipe(op, sliced, mode) if how == "rows" else None,
                         _full_recipe(op, mode, doubled) if how == "full" or bool(doubled.intersection(op.outs)) else None,
                         how) for op, how, sliced in zip(flat.ops, hows, slices)]
@@ -236,7 +241,7 @@ class RowProgram:
         self.rows = sum(self._pops[p].cap for p in self._row_sites)
         reads = {x for op, rows, full, _ in self._steps for recipe in (rows, full) if recipe
                  for x, r in zip(op.ins, recipe) if r in ("golden", "take", "splice")}
-        reads |= {i for n in self._sparse_ops for i in (flat.ops[n].ins[0], flat.ops[n].outs[0])}
+        reads |= {i for n in self._corrected for i in (flat.ops[n].ins[0], flat.ops[n].outs[0])}
         reads |= {x for x in flat.outputs if isinstance(x, int) and mode.get(x) == "rows" and x not in doubled}
         reads |= {x for x in flat.outputs if isinstance(x, int) and x not in mode}
         computed = {o for op, rows, full, _ in self._steps if rows or full for o in op.outs}
@@ -290,6 +295,12 @@ class RowProgram:
                 need.update(x for x in op.ins if isinstance(x, int) and mode.get(x) == "rows")
         return doubled
 
+    @property
+    def corrected(self) -> tuple[str, ...]:
+        """The primitives evaluated incrementally (golden result plus the
+        changed weights' terms), in program order."""
+        return tuple(self._flat.ops[n].eqn.primitive.name for n in sorted(self._corrected))
+
     def _hooked_mode(self, ids: Sequence[int | None], batched: set[int], mode: dict[int, str]) -> None:
         """A faulted golden value becomes the trial's own: by rows if it has a batch axis."""
         for i in ids:
@@ -327,20 +338,21 @@ class RowProgram:
         interpret.evaluate(self._flat.graph, args, interpret.Rules(descend=lambda node: True, after=blank))
         return [env[i] for i in self._golden_ids]
 
-    def trial(self, key: jax.Array, params: Any, golden: Sequence[Any]) -> tuple[Any, tuple[Any, ...]]:
-        """One trial from its key, the (unfaulted) params and ``golden``."""
+    def trial(self, key: jax.Array, params: Any, golden: Sequence[Any],
+              live: jax.Array | None = None) -> tuple[Any, tuple[Any, ...]]:
+        """One trial from its key, the (unfaulted) params and ``golden``; with
+        ``live`` False, no fault lands (the program's own golden run)."""
         flat = self._flat
         gold = dict(flat.consts) | dict(zip(self._golden_ids, golden))
         records: list[Any] = [None] * len(self._plans)
         draws: dict[int, tuple[jax.Array, Faults]] = {}
-        unfaulted = dict(zip(flat.inputs, param_leaves(params)))
         for i, (plan, pop) in enumerate(zip(self._plans, self._pops)):
             k = plan_key(key, i)
             if plan.kind == "params":
-                params, records[i] = inject_params(k, params, plan, self._only[i])
+                params, records[i] = inject_params(k, params, plan, self._only[i], live)
             else:
                 k_sample, k_apply = plan_keys(k)
-                draws[i] = (k_apply, sample_faults(k_sample, pop))
+                draws[i] = (k_apply, live_faults(k_sample, pop, live))
         own = {i: x for i, x in zip(flat.inputs, param_leaves(params)) if self._mode.get(i) == "full"}
         own_full: dict[int, Any] = {}
         rows = self._rows(draws)
@@ -349,9 +361,9 @@ class RowProgram:
         for n, (op, rows_recipe, full_recipe, how) in enumerate(self._steps):
             if n in self._again:
                 _bind(op, [_value(gold, x) for x in op.ins], op.eqn.params, gold)
-            if n in self._sparse_ops:
+            if n in self._corrected:
                 (x, w), out = op.ins, op.outs[0]
-                own[out] = _sparse_dot(gold[out], gold[x], unfaulted[w], own[w], self._sparse_cap)
+                own[out] = _correction(op.eqn, gold[out], gold[x], self._changes(w, records))
                 full_recipe = None
             if rows_recipe:
                 args = [_operand(x, r, own, gold, rows) for x, r in zip(op.ins, rows_recipe)]
@@ -365,6 +377,21 @@ class RowProgram:
         outs = [_operand(x, _output_recipe(x, self._mode, self._doubled_ids), own | own_full, gold, rows)
                 for x in flat.outputs]
         return jax.tree.unflatten(self._out_tree, outs), tuple(records)
+
+    def _changes(self, leaf: int, records: Sequence[Any]) -> Changes:
+        """The changes the trial's params faults (in ``records``) made to ``leaf``."""
+        parts = []
+        for hook in self._sites[leaf]:
+            if self._plans[hook.plan].kind != "params":
+                continue
+            record, site = records[hook.plan], self._pops[hook.plan].sites[hook.site]
+            value = lambda raw: bits_lib.from_bits(raw.astype(site.format.uint), site.dtype)
+            # Faults on one value share its record (sorted, adjacent): count the value once.
+            first = jnp.concatenate([jnp.ones((1,), bool), (record.index[1:] != record.index[:-1])
+                                     | (record.site[1:] != record.site[:-1])])
+            parts.append(Changes(record.index, value(record.after) - value(record.before),
+                                 record.valid & first & (record.site == hook.site)))
+        return Changes(*(jnp.concatenate(field) for field in zip(*parts)))
 
     def _rows(self, draws: dict[int, tuple[jax.Array, Faults]]) -> jax.Array:
         """The distinct rows holding the trial's faults on row-sliced sites
@@ -419,25 +446,58 @@ def _materialised(eqn: jex.JaxprEqn) -> bool:
     return any(kernel[d] != 1 for d in spec[2:])
 
 
-def _is_dense(op: interpret.Op, faulted: set[int], mode: dict[int, str]) -> bool:
-    """A golden ``x @ W`` with W a faulted 2-D params leaf."""
-    if op.eqn.primitive.name != "dot_general" or len(op.ins) != 2:
+def _correctable(op: interpret.Op, faulted: set[int], mode: dict[int, str], cap: int) -> bool:
+    """Whether ``op`` is a matmul or convolution of a golden operand with a faulted
+    floating params leaf that a correction can update (see ``_correction``)."""
+    name = op.eqn.primitive.name
+    if name not in ("dot_general", "conv_general_dilated") or len(op.ins) != 2:
         return False
     x, w = op.ins
-    contract, batch = op.eqn.params["dimension_numbers"]
-    return (w in faulted and len(_shape(op.eqn.invars[1])) == 2 and isinstance(x, int) and x not in mode
-            and contract == ((len(_shape(op.eqn.invars[0])) - 1,), (0,)) and batch == ((), ()))
+    if w not in faulted or not isinstance(x, int) or x in mode:
+        return False
+    if not jnp.issubdtype(op.eqn.invars[1].aval.dtype, jnp.floating):
+        return False
+    if name == "dot_general":
+        contract, batch = op.eqn.params["dimension_numbers"]
+        return (len(_shape(op.eqn.invars[1])) == 2 and batch == ((), ())
+                and contract == ((len(_shape(op.eqn.invars[0])) - 1,), (0,)))
+    p = op.eqn.params
+    # Each faulted kernel element costs a one-channel convolution: beyond a few
+    # faults recomputing the layer is cheaper.
+    return p["feature_group_count"] == 1 and p["batch_group_count"] == 1 and cap <= _MAX_CONV_CORRECTIONS
 
 
-def _sparse_dot(golden: jax.Array, x: jax.Array, w_golden: jax.Array, w_faulty: jax.Array, cap: int) -> jax.Array:
-    """``x @ w_faulty`` as ``golden`` plus the terms of the (at most ``cap``)
-    changed weights: far less work, not bitwise equal (rounded differently)."""
-    changed = (bits_lib.to_bits(w_faulty) != bits_lib.to_bits(w_golden)).reshape(-1)
-    index = jnp.nonzero(changed, size=cap, fill_value=0)[0]
-    delta = jnp.where(changed[index], w_faulty.reshape(-1)[index] - w_golden.reshape(-1)[index], 0)
-    rows, cols = jnp.divmod(index, w_golden.shape[1])
-    terms = x[..., rows] * delta.astype(x.dtype)
-    return golden.at[..., cols].add(terms.astype(golden.dtype))
+class Changes(NamedTuple):
+    """A trial's changes to one params leaf: flat index, new minus old value, valid."""
+
+    index: jax.Array
+    delta: jax.Array
+    valid: jax.Array
+
+
+def _correction(eqn: jex.JaxprEqn, golden: jax.Array, x: jax.Array, changes: Changes) -> jax.Array:
+    """``eqn`` on ``x`` and the faulty leaf, as its ``golden`` result plus the changed
+    weights' terms: far less work than recomputing, rounded differently."""
+    w_shape = _shape(eqn.invars[1])
+    if eqn.primitive.name == "dot_general":
+        rows, cols = jnp.divmod(changes.index, w_shape[1])
+        terms = x[..., rows] * changes.delta.astype(x.dtype)
+        cols = jnp.where(changes.valid, cols, w_shape[1])
+        return golden.at[..., cols].add(terms.astype(golden.dtype), mode="drop")
+    dn = eqn.params["dimension_numbers"]
+    out_f, in_f = dn.rhs_spec[0], dn.rhs_spec[1]
+    one = tuple(1 if d in (out_f, in_f) else n for d, n in enumerate(w_shape))
+    coords = jnp.unravel_index(changes.index, w_shape)
+    y = golden
+    for k in range(changes.index.shape[0]):
+        at = tuple(0 if d in (out_f, in_f) else coords[d][k] for d in range(len(w_shape)))
+        kernel = jnp.zeros(one, x.dtype).at[at].set(changes.delta[k].astype(x.dtype))
+        channel = lax.dynamic_slice_in_dim(x, coords[in_f][k], 1, axis=dn.lhs_spec[1])
+        term = interpret.bind(eqn, [channel, kernel])[0]
+        old = lax.dynamic_slice_in_dim(y, coords[out_f][k], 1, axis=dn.out_spec[1])
+        new = jnp.where(changes.valid[k], old + term.astype(y.dtype), old)
+        y = lax.dynamic_update_slice_in_dim(y, new, coords[out_f][k], axis=dn.out_spec[1])
+    return y
 
 
 def _rows_recipe(op: interpret.Op, sliced: tuple[bool, ...], mode: dict[int, str]) -> _Recipe:

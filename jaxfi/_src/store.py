@@ -3,6 +3,7 @@
 Layout of a store directory::
 
     manifest.json                         format, config, config_hash
+    executor.json                         the executor that computes the trials
     chunks/{start:012d}-{stop:012d}.npz   trials [start, stop), one per file
     quarantine/                           chunks moved aside by `quarantine`
     .tmp-*                                in-flight writes; readers ignore them
@@ -343,6 +344,34 @@ class Store:
     @property
     def _tag(self) -> str:
         return f"p{self.process_index}-{os.getpid()}"
+
+    # decisions
+
+    def recorded(self, name: str) -> Any:
+        """A decision recorded under ``name`` (e.g. the executor), or None."""
+        path = self.path / f"{name}.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"store {self.path}: unreadable {path.name}: {e}") from None
+
+    def record(self, name: str, value: Any) -> Any:
+        """Record a decision once: the first value written under ``name`` wins
+        and is returned (a later, different value is not written)."""
+        body = json.dumps(value, sort_keys=True, indent=1, ensure_ascii=False)
+        dest = self.path / f"{name}.json"
+        tmp = self.path / f"{_TMP_PREFIX}{name}-{self._tag}-{uuid.uuid4().hex[:8]}"
+        _atomic_write(tmp, lambda f: f.write(body.encode()), self._tag)
+        try:
+            os.link(tmp, dest)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        _fsync_dir(self.path)
+        return self.recorded(name)
 
     # chunks
 

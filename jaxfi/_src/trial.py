@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -39,13 +39,13 @@ def input_sites(args: Sequence[Any], params_argnum: int | None = 0) -> list[Site
 
 
 def inject_inputs(key: jax.Array, args: Sequence[Any], plan: Plan,
-                  params_argnum: int | None = 0,
-                  only: frozenset[int] | None = None) -> tuple[list[Any], Record]:
+                  params_argnum: int | None = 0, only: frozenset[int] | None = None,
+                  live: jax.Array | None = None) -> tuple[list[Any], Record]:
     """Inject one trial of an inputs ``plan`` into the function arguments."""
     flat, treedef = jax.tree_util.tree_flatten(
         [a if i != params_argnum else None for i, a in enumerate(args)])
     arrays = [x for x in flat if hasattr(x, "dtype")]
-    faulty, record = inject_arrays(key, arrays, input_sites(args, params_argnum), plan, only)
+    faulty, record = inject_arrays(key, arrays, input_sites(args, params_argnum), plan, only, live)
     it = iter(faulty)
     rebuilt = jax.tree_util.tree_unflatten(
         treedef, [next(it) if hasattr(x, "dtype") else x for x in flat])
@@ -98,27 +98,29 @@ def restricted(fn: Callable[..., Any], plans: Sequence[Plan],
     An executor optimisation for trials known to hit only those sites: the
     rest of the computation then does not depend on the key, so XLA computes
     it once per batch of trials. ``only=None`` (or a None entry) keeps all.
+    The returned ``g(key, *args, live=None)`` drops every fault where ``live``
+    is False (see ``inject.live_faults``).
     """
     _check_plans(plans)
     only = tuple(only) if only is not None else (None,) * len(plans)
     if len(only) != len(plans):
         raise ValueError(f"only needs one entry per plan: {len(plans)} plans, {len(only)} entries")
 
-    def g(key: jax.Array, *args):
+    def g(key: jax.Array, *args, live: jax.Array | None = None):
         args = list(args)
         records: list[Record | None] = [None] * len(plans)
         for i, plan in enumerate(plans):
             k = plan_key(key, i)
             if plan.kind == "params":
-                args[params_argnum], records[i] = inject_params(k, args[params_argnum], plan, only[i])
+                args[params_argnum], records[i] = inject_params(k, args[params_argnum], plan, only[i], live)
             elif plan.kind == "inputs":
-                args, records[i] = inject_inputs(k, args, plan, params_argnum, only[i])
+                args, records[i] = inject_inputs(k, args, plan, params_argnum, only[i], live)
         active = [(i, p) for i, p in enumerate(plans) if p.kind == "activations"]
         if not active:
             return fn(*args), tuple(records)
         keys = [plan_key(key, i) for i, _ in active]
         out, act_records = activations.run_with_faults(
-            fn, args, [p for _, p in active], keys, [only[i] for i, _ in active])
+            fn, args, [p for _, p in active], keys, [only[i] for i, _ in active], live)
         for (i, _), rec in zip(active, act_records):
             records[i] = rec
         return out, tuple(records)
@@ -139,6 +141,20 @@ def sites_of(fn: Callable[..., Any], plan: Plan, *args, params_argnum: int = 0) 
 # A campaign's trials.
 
 Outputs = tuple[Any, tuple[Record, ...]]
+# The trial index whose run is a program's golden run: no fault lands.
+GOLDEN_INDEX = -1
+# The program id of the unbatched trial (``Trials.single``) and every executor
+# verified to give its bits.
+REFERENCE = 0
+
+
+class Computed(NamedTuple):
+    """Trials computed by an executor: outputs, records (one per plan) and, per
+    trial, the id of the program that computed it (see ``Runner.golden``)."""
+
+    output: Any
+    records: tuple[Record, ...]
+    program: np.ndarray
 
 
 def same_bits(a: Any, b: Any) -> bool:
@@ -150,9 +166,13 @@ def same_bits(a: Any, b: Any) -> bool:
 
 
 def trial_function(faulty_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``(base_key, index, params, inputs) -> faulty_fn(trial_key(base_key, index), params, inputs)``."""
+    """``(base_key, index, params, inputs) -> faulty_fn(trial_key(base_key, index), params, inputs)``.
+
+    ``faulty_fn`` comes from ``faulty``; index ``GOLDEN_INDEX`` (any negative
+    index) runs the same program with no fault landing.
+    """
     def trial(base_key: jax.Array, index: jax.Array, params: Any, inputs: Any):
-        return faulty_fn(trial_key(base_key, index), params, inputs)
+        return faulty_fn(trial_key(base_key, index), params, inputs, live=index >= 0)
     return trial
 
 
@@ -180,3 +200,8 @@ class Trials:
     def replay(self, index: int) -> Outputs:
         """Trial ``index`` alone, on the default device, as numpy arrays."""
         return jax.device_get(self.single(self.base_key, np.int32(index), self.params, self.inputs))
+
+    @functools.cached_property
+    def golden(self) -> np.ndarray:
+        """The reference program's output with no fault landing."""
+        return self.replay(GOLDEN_INDEX)[0]
