@@ -5,7 +5,7 @@ first draws every trial's faults (cheap), then groups the chunk's trials by
 the earliest layer they hit, in program order, for each plan. A group runs a
 program restricted (``trial.restricted``) to the sites of that layer and
 later ones and split there (``rows``): the golden values it reads are
-computed once per group, and each trial computes only what its faults reach:
+computed once for all groups, and each trial computes only what its faults reach:
 from a weight fault on, the whole batch, the faulted matmul or convolution
 itself as its golden result plus the changed weights' terms; from an input or
 activation fault on, the rows it hit, up to the first operation that mixes
@@ -159,6 +159,8 @@ class GroupedRunner:
         self._views = _views(trials.apply_fn, trials.plans, trials.params, trials.inputs, executor.max_programs)
         self._programs: dict[Key, tuple[Any, Any]] = {}
         self._paths: dict[Key, RowProgram] = {}
+        # Every golden value, computed once and shared by the group programs.
+        self._values: dict[int, Any] | None = None
         self._keys: dict[int, Key] = {}
         self._goldens: dict[int, Any] = {}
         began = time.perf_counter()
@@ -197,7 +199,9 @@ class GroupedRunner:
         program = RowProgram(self._trials.apply_fn, self._trials.params, self._trials.inputs, self._trials.plans,
                              [v.pop for v in self._views], only, incremental=self._incremental)
         self._paths[key] = program
-        golden = program.golden(*self._args[1:])
+        if self._values is None:
+            self._values = program.golden_values(*self._args[1:])
+        golden = program.golden(*self._args[1:], values=self._values)
         return (lambda base_key, i, params, golden: program.trial(
             trial_key(base_key, i), params, golden, live=i >= 0)), golden
 

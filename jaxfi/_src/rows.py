@@ -30,6 +30,7 @@ a trial is compared with the golden run of the same program
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -307,8 +308,10 @@ class RowProgram:
             if i in self._hooks and i not in mode:
                 mode[i] = "rows" if i in batched else "full"
 
-    def golden(self, params: Any, inputs: Any) -> list[Any]:
-        """The golden values trials read, computed on the unfaulted arguments.
+    def golden(self, params: Any, inputs: Any, values: dict[int, Any] | None = None) -> list[Any]:
+        """The golden values trials read, computed on the unfaulted arguments
+        (or taken from ``values``, the ``golden_values`` of any RowProgram of
+        the same function, arguments and plans).
 
         Compiles and runs its own program; do not wrap it in ``jit``. Every
         site of the plans gets the same fault-writing operations as in a
@@ -317,11 +320,23 @@ class RowProgram:
         match the trial's unfaulted ones bit for bit. The empty fault sets are
         arguments so that XLA cannot fold those operations away.
         """
-        blanks = [Faults(np.full(pop.cap, -1, np.int32), np.zeros(pop.cap, np.int32),
-                         np.zeros(pop.cap, np.int32), np.zeros(pop.cap, bool), np.False_) for pop in self._pops]
-        return jax.jit(self._golden)(params, inputs, jax.random.key(0), blanks)
+        if values is not None:
+            return [values[i] for i in self._golden_ids]
+        return jax.jit(self._golden)(params, inputs, jax.random.key(0), self._blanks())
 
-    def _golden(self, params: Any, inputs: Any, key: jax.Array, blanks: Sequence[Faults]) -> list[Any]:
+    def golden_values(self, params: Any, inputs: Any) -> dict[int, Any]:
+        """Every value of the program (by id) on the unfaulted arguments, with
+        the blank fault writes: the same whatever ``only`` is, so one call
+        serves every RowProgram of these plans."""
+        every = functools.partial(self._golden, every=True)
+        return jax.jit(every)(params, inputs, jax.random.key(0), self._blanks())
+
+    def _blanks(self) -> list[Faults]:
+        return [Faults(np.full(pop.cap, -1, np.int32), np.zeros(pop.cap, np.int32),
+                       np.zeros(pop.cap, np.int32), np.zeros(pop.cap, bool), np.False_) for pop in self._pops]
+
+    def _golden(self, params: Any, inputs: Any, key: jax.Array, blanks: Sequence[Faults],
+                every: bool = False) -> list[Any] | dict[int, Any]:
         env: dict[int, Any] = {}
 
         def blank(ids: Sequence[int | None], values: Sequence[Any]) -> list[Any]:
@@ -336,7 +351,7 @@ class RowProgram:
 
         args = blank(self._flat.inputs, param_leaves(params) + jax.tree.leaves(inputs))
         interpret.evaluate(self._flat.graph, args, interpret.Rules(descend=lambda node: True, after=blank))
-        return [env[i] for i in self._golden_ids]
+        return env if every else [env[i] for i in self._golden_ids]
 
     def trial(self, key: jax.Array, params: Any, golden: Sequence[Any],
               live: jax.Array | None = None) -> tuple[Any, tuple[Any, ...]]:

@@ -1,6 +1,6 @@
 """Flax Linen models under test, and the glue that turns them into ``apply_fn(params, x)``.
 
-Small models (any small NHWC input, e.g. 28x28x1): ``mlp``, ``lenet5``,
+Small models (any small NHWC input, e.g. 28x28x1): ``mlp``, ``cnn``, ``lenet5``,
 ``resnet8``, ``resnet20``. ImageNet-scale models with torchvision's layer
 shapes (224x224x3): ``alexnet``, ``vgg16``, ``resnet18``, ``resnet50``,
 ``mobilenet_v2``; ``jaxfi.models.convert`` loads torchvision weights into them.
@@ -31,7 +31,7 @@ import numpy as np
 from jaxfi._src.extras import require
 from jaxfi.models.imagenet import VGG16, AlexNet, MobileNetV2
 from jaxfi.models.resnet import ResNet, ResNet18, ResNet50
-from jaxfi.models.small import MLP, LeNet5
+from jaxfi.models.small import CNN, MLP, LeNet5
 
 nn = require("flax.linen", "models")
 
@@ -53,6 +53,7 @@ __all__ = [
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
+    "cnn": CNN,
     "lenet5": LeNet5,
     "resnet8": functools.partial(ResNet, depth=8),
     "resnet20": functools.partial(ResNet, depth=20),
