@@ -13,7 +13,7 @@ extras, ``jaxfi.models`` and ``jaxfi.training`` (``models``), ``jaxfi.data``
 """
 
 from jaxfi import distributed, executors, stats
-from jaxfi._src.activations import activation_sites, capture, module_output, named_scopes, sites_table
+from jaxfi._src.activations import activation_sites, capture, named_scopes, sites_table
 from jaxfi._src.bits import (
     SUPPORTED_DTYPES,
     Format,
@@ -82,7 +82,6 @@ __all__ = [
     "sites_of",
     "sites_table",
     "named_scopes",
-    "module_output",
     # plans and injection
     "Plan",
     "Population",

@@ -194,16 +194,16 @@ def test_sites_inside_calls_can_be_faulted():
         g = jax.jit(jaxfi.faulty(_nested, plan))
         out, (record,) = g(jax.random.key(0), x)
         assert int(record.count) == 1 and not np.array_equal(_raw(out), _raw(reference))
-        grads = jax.jit(jax.grad(lambda v: g(jax.random.key(0), v)[0]))(x)
+        grads = jax.jit(jax.grad(lambda v, g=g: g(jax.random.key(0), v)[0]))(x)
         assert grads.shape == x.shape
 
 
 def test_module_output_selects_value_leaving_the_module(linen):
-    sites = jaxfi.sites_of(linen.fn, jaxfi.Plan(jaxfi.module_output("CNN/conv1")), linen.params, linen.x)
+    sites = jaxfi.sites_of(linen.fn, jaxfi.Plan(jaxfi.ModuleOutput("CNN/conv1")), linen.params, linen.x)
     assert [s.name for s in sites] == ["CNN/conv1/add:0"]
-    both = jaxfi.sites_of(linen.fn, jaxfi.Plan(jaxfi.module_output(r"CNN/conv\d")), linen.params, linen.x)
+    both = jaxfi.sites_of(linen.fn, jaxfi.Plan(jaxfi.ModuleOutput(r"CNN/conv\d")), linen.params, linen.x)
     assert [s.name for s in both] == ["CNN/conv1/add:0", "CNN/conv2/add:0"]
-    whole = jaxfi.sites_of(linen.fn, jaxfi.Plan(jaxfi.module_output("CNN")), linen.params, linen.x)
+    whole = jaxfi.sites_of(linen.fn, jaxfi.Plan(jaxfi.ModuleOutput("CNN")), linen.params, linen.x)
     assert [s.name for s in whole] == ["CNN/fc/add:0"]
 
 
@@ -275,11 +275,11 @@ def test_grad_runs_through_faults(linen):
 
     clean = jax.jit(jax.grad(lambda p: jnp.sum(linen.fn(p, linen.x) ** 2)))(linen.params)
     # ber=0: every site passes through the fault code, no value changes.
-    none = jaxfi.Plan(jaxfi.module_output("CNN/conv2"), ber=0.0)
+    none = jaxfi.Plan(jaxfi.ModuleOutput("CNN/conv2"), ber=0.0)
     for a, b in zip(jax.tree.leaves(grad(linen.params, none, jax.random.key(0))),
                     jax.tree.leaves(clean)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
-    hit = jaxfi.Plan(jaxfi.module_output("CNN/conv2"), jaxfi.BitFlip(bits="mantissa"), count=5)
+    hit = jaxfi.Plan(jaxfi.ModuleOutput("CNN/conv2"), jaxfi.BitFlip(bits="mantissa"), count=5)
     kernel = grad(linen.params, hit, jax.random.key(1))["params"]["conv1"]["kernel"]
     assert np.all(np.isfinite(kernel)) and np.any(kernel != 0)
 
@@ -297,7 +297,7 @@ def test_faulted_value_is_a_constant_for_grad():
 def test_mixed_weight_and_activation_trial(linen):
     names = ["CNN/conv1/add:0", "CNN/fc/add:0"]
     weight = jaxfi.Plan(jaxfi.Params("conv1/kernel"), jaxfi.BitFlip(bits="exponent"))
-    act = jaxfi.Plan(jaxfi.module_output("CNN/fc"))
+    act = jaxfi.Plan(jaxfi.ModuleOutput("CNN/fc"))
     g = jax.jit(jaxfi.faulty(jaxfi.capture(linen.fn, names), weight, act))
     (_, caps), (w_rec, a_rec) = g(jax.random.key(3), linen.params, linen.x)
     _, clean = jaxfi.capture(linen.fn, names)(linen.params, linen.x)
@@ -365,12 +365,12 @@ def test_bad_selections(linen):
     with pytest.raises(ValueError, match="(?s)matches no activations site.*CNN/conv1/add:0"):
         jaxfi.faulty(linen.fn, jaxfi.Plan(jaxfi.Activations(name="CNN/conv9")))(key, *args)
     with pytest.raises(ValueError, match="matches no activations site"):
-        jaxfi.faulty(linen.fn, jaxfi.Plan(jaxfi.module_output("CNN/conv")))(key, *args)
+        jaxfi.faulty(linen.fn, jaxfi.Plan(jaxfi.ModuleOutput("CNN/conv")))(key, *args)
     with pytest.raises(ValueError, match="(?s)unknown activation site.*CNN/conv1/add:0"):
         jaxfi.capture(linen.fn, ["CNN/conv9/add:0"])(*args)
     with pytest.raises(ValueError, match="bit 40 is outside format float32"):
         jaxfi.faulty(linen.fn, jaxfi.Plan(jaxfi.Activations(), jaxfi.BitFlip(bits=40)))(key, *args)
     with pytest.raises(ValueError, match="not a valid regex"):
-        jaxfi.module_output("CNN/(")
+        jaxfi.ModuleOutput("CNN/(")
     with pytest.raises(TypeError, match="flax.nnx.Module"):
         jaxfi.named_scopes(linen.fn)

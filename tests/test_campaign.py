@@ -217,7 +217,7 @@ def test_replay_equals_the_table_row(campaign, reference):
             assert np.asarray(value).tobytes() == np.asarray(row[name]).astype(
                 np.asarray(value).dtype).tobytes(), name
         for rec, stacked in zip(one.records, reference.records):
-            assert same_bits(rec, jax.tree.map(lambda a: a[i], stacked))
+            assert same_bits(rec, jax.tree.map(lambda a, i=i: a[i], stacked))
 
 
 def test_table_has_fault_summary_and_raw_records(reference):

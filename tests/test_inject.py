@@ -74,7 +74,8 @@ def test_vmap_over_64_keys_equals_loop_bitwise():
     for i in range(0, 64, 9):
         single, rec = jit_inject(keys[i], PARAMS, plan)
         for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(batched)):
-            np.testing.assert_array_equal(_raw(a) if a.dtype != jnp.int32 else a, _raw(b[i]) if b.dtype != jnp.int32 else b[i])
+            np.testing.assert_array_equal(_raw(a) if a.dtype != jnp.int32 else a,
+                                          _raw(b[i]) if b.dtype != jnp.int32 else b[i])
         for field in jaxfi.Record._fields:
             np.testing.assert_array_equal(getattr(rec, field), getattr(brec, field)[i])
     again, rec2 = jit_inject(keys[5], PARAMS, plan)

@@ -42,7 +42,8 @@ def residual(params, x):
     dn = ("NHWC", "HWIO", "NHWC")
 
     def bn(h, n):
-        return (h - params["mean"][n]) * jax.lax.rsqrt(params["var"][n] + 1e-5) * params["scale"][n] + params["shift"][n]
+        normed = (h - params["mean"][n]) * jax.lax.rsqrt(params["var"][n] + 1e-5)
+        return normed * params["scale"][n] + params["shift"][n]
 
     h = jax.nn.relu(bn(lax.conv_general_dilated(x, params["c1"], (1, 1), "SAME", dimension_numbers=dn), 0))
     y = bn(lax.conv_general_dilated(h, params["c2"], (1, 1), "SAME", dimension_numbers=dn), 1)
@@ -53,7 +54,8 @@ def residual(params, x):
 def setup():
     k = jax.random.split(jax.random.key(3), 6)
     params = {"conv": jax.random.normal(k[0], (3, 3, 1, 4)), "bias": jax.random.normal(k[1], (4,)),
-              "conv2": jax.random.normal(k[2], (3, 3, 4, 4)), "w": jax.random.normal(k[3], (36, 5)), "w2": jax.random.normal(k[5], (144, 5))}
+              "conv2": jax.random.normal(k[2], (3, 3, 4, 4)), "w": jax.random.normal(k[3], (36, 5)),
+              "w2": jax.random.normal(k[5], (144, 5))}
     x = jax.random.normal(k[4], (BATCH, 6, 6, 1))
     return params, x
 

@@ -31,7 +31,6 @@ import bisect
 import collections
 import dataclasses
 import functools
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -45,7 +44,7 @@ from jaxfi._src import bits as bits_lib
 from jaxfi._src import interpret
 from jaxfi._src.inject import Record, SiteFaults, apply_site, assemble_record, live_faults, plan_keys
 from jaxfi._src.plan import Plan, Population
-from jaxfi._src.sites import Activations, Selector, Site, _listing
+from jaxfi._src.sites import Selector, Site, listing
 
 # jaxfi's own operations run under this scope, so they never shift the
 # occurrence numbers of the user's equations when a faulty function is traced.
@@ -286,7 +285,7 @@ def _chosen(sites: Sequence[ActivationSite], chosen: str | Sequence[str] | Selec
     by_name = {s.name: s for s in sites}
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise ValueError(f"unknown activation site(s) {unknown}; available:\n" + _listing(sites))
+        raise ValueError(f"unknown activation site(s) {unknown}; available:\n" + listing(sites))
     return tuple(by_name[n] for n in names)
 
 
@@ -339,31 +338,6 @@ def capture(fn: Callable[..., Any], sites: str | Sequence[str] | Selector
         return out, values
 
     return g
-
-
-@dataclasses.dataclass(frozen=True)
-class _OutputOf:
-    """Predicate: the site is an output of a scope fully matching ``pattern``."""
-
-    pattern: str
-
-    def __call__(self, site: Site) -> bool:
-        return any(re.fullmatch(self.pattern, p) for p in getattr(site, "output_of", ()))
-
-    def __repr__(self) -> str:
-        return f"output_of({self.pattern!r})"
-
-
-def module_output(path: str, *, dtype: Any = None) -> Selector:
-    """Select the output value(s) of a module: values produced inside scope
-    ``path`` (a regex fully matching a module path, e.g. ``"CNN/conv1"``) and
-    used outside it. For a Linen ``Dense`` this is the bias add, whatever the
-    module computes internally."""
-    try:
-        re.compile(path)
-    except re.error as err:
-        raise ValueError(f"module path pattern {path!r} is not a valid regex: {err}")
-    return Activations(dtype=dtype, where=_OutputOf(path))
 
 
 # ----------------------------------------------------------------------------

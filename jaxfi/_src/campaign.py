@@ -31,6 +31,7 @@ import functools
 import hashlib
 import os
 import platform
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -95,7 +96,16 @@ class Campaign:
         check_x64(inputs, "inputs")
         self.apply_fn, self.params, self.inputs, self.seed = apply_fn, params, inputs, int(seed)
         self.labels = None if labels is None else np.asarray(labels)
-        self.golden = outcomes_lib.golden(jax.jit(apply_fn)(params, inputs), self.labels)
+        forward = jax.jit(apply_fn)
+        began = time.perf_counter()
+        self.golden = outcomes_lib.golden(forward(params, inputs), self.labels)
+        compiled = time.perf_counter()
+        runs = []
+        for _ in range(3):  # the first runs after a compile are slow: keep the fastest
+            began_run = time.perf_counter()
+            jax.block_until_ready(forward(params, inputs))
+            runs.append(time.perf_counter() - began_run)
+        costs = (compiled - began, min(runs))
         self.sites: tuple[tuple[Site, ...], ...] = tuple(
             tuple(sites_of(apply_fn, plan, params, inputs)) for plan in self.plans)
         self._outcome_fns = tuple(outcomes)
@@ -103,7 +113,7 @@ class Campaign:
         self._custom = outcomes_lib.custom_names(self._outcome_fns, self.golden, builtin)
         self.outcome_names: tuple[str, ...] = builtin + tuple(self._custom)
         self._trials = Trials(trial_function(faulty(apply_fn, *self.plans)),
-                              jax.random.key(self.seed), params, inputs, apply_fn, self.plans)
+                              jax.random.key(self.seed), params, inputs, apply_fn, self.plans, costs)
         # Built once per campaign, reused by every later run() and resume.
         self._runners: dict[tuple[Any, ...], exec_lib.Runner] = {}
         self._decided: exec_lib.Executor | None = None
@@ -389,7 +399,8 @@ class _Session:
         auto: exec_lib.AutoExecutor = self._chosen
         chosen, runner, table = exec_lib.choose(auto, self._campaign._trials, self._layout.width(),
                                                 self._devices, start, trials_left)
-        self._campaign._runners.setdefault(_runner_key(chosen, self._layout.width(), self._devices), runner)
+        if runner is not None:
+            self._campaign._runners.setdefault(_runner_key(chosen, self._layout.width(), self._devices), runner)
         options = [exec_lib.LoopExecutor(), *auto.candidates]
         index = self._layout.decide(next(i for i, o in enumerate(options)
                                          if exec_lib.spec(o) == exec_lib.spec(chosen)))
@@ -486,7 +497,7 @@ class Result:
         frames = []
         custom = {n: self.table[n].dtype for n in self.custom_outcomes}
         for names, per, unit in rate_groups(self.golden, list(self.table.columns), custom):
-            s = stats.summarize(self.table, names, by=keys, confidence=confidence,
+            s = stats.stratified_rates(self.table, names, by=keys, confidence=confidence,
                                 method=method, denominator=None if unit == "trial" else per)
             for name in names:
                 frames.append(pd.DataFrame({
@@ -503,13 +514,13 @@ class Result:
 
     def continuous(self, by: str | Sequence[str] | None = None,
                    confidence: float = 0.95) -> pd.DataFrame:
-        """Means and normal intervals of the continuous outcomes (finite values only)."""
+        """Means and Student-t intervals (over trials) of the continuous outcomes (finite values only)."""
         names = [n for n in ("accuracy", "max_abs_dev", "rel_l2") if n in self.table]
         names += [n for n in self.custom_outcomes if self.table[n].dtype != bool]
         keys = [by] if isinstance(by, str) else list(by or [])
         if not keys:
-            return pd.DataFrame({n: stats.mean_ci(self.table[n], confidence) for n in names}).T
-        return stats.summarize(self.table, [], by=keys, confidence=confidence, continuous=names)
+            return pd.DataFrame({n: stats.mean_interval(self.table[n], confidence) for n in names}).T
+        return stats.stratified_rates(self.table, [], by=keys, confidence=confidence, continuous=names)
 
     def faults(self) -> pd.DataFrame:
         """One row per placed fault: trial, plan, site, index, bits, values before and after."""

@@ -30,7 +30,6 @@ and inputs are always jit arguments, never constants baked into the program.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -43,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxfi._src.batching import batch_invariant
 from jaxfi._src.grouped import GroupedExecutor
-from jaxfi._src.trial import REFERENCE, Computed, Outputs, Trials, same_bits, trial_function
+from jaxfi._src.trial import REFERENCE, Computed, Outputs, Trials, same_bits
 
 TRIAL_AXIS = "trials"
 
@@ -282,44 +281,55 @@ def _expand(tree: Any) -> Any:
 
 
 def choose(auto: AutoExecutor, trials: Trials, chunk_size: int, devices: Sequence[jax.Device],
-           start: int, remaining: int) -> tuple[Executor, Runner, pd.DataFrame]:
-    """Pick the candidate that runs ``remaining`` trials from ``start`` soonest.
+           start: int, remaining: int) -> tuple[Executor, Runner | None, pd.DataFrame]:
+    """Pick the candidate that finishes ``remaining`` trials from ``start`` soonest.
 
-    The loop is compiled and timed on ``auto.probe`` trials. A candidate is
+    The loop's cost is ``trials.costs`` (the golden forward's compile and run
+    seconds, which the loop's per-trial program matches closely) when given,
+    else it is compiled and timed on ``auto.probe`` trials. A candidate is
     skipped when the loop would finish all remaining trials before the
     candidate compiled (estimated as one loop compile per program it needs);
     otherwise it runs ``auto.sample`` trials twice, compiling then running,
     and the second run gives its rate. Reference-family candidates (vmap,
     map) must also give the loop's bits. The choice is the least estimated
-    time to finish; the table (executor, trials_per_s, compile_s, estimate_s,
-    usable, chosen) says why.
+    time to finish from here (compiles already paid are not counted); the
+    table (executor, trials_per_s, compile_s, estimate_s, usable, chosen)
+    says why. The runner returned is None when the loop, not yet built, wins.
     """
-    loop = LoopExecutor().build(trials, chunk_size, devices)
     probe = min(auto.probe, max(1, remaining))
-    began = time.perf_counter()
-    reference = loop(start, start + probe)
-    loop_rate = probe / (time.perf_counter() - began)
-    rows = [_row("loop", loop_rate, loop.compile_seconds, remaining / loop_rate, True)]
-    runners: dict[str, tuple[Executor, Runner]] = {"loop": (LoopExecutor(), loop)}
+    loop: Runner | None = None
+    if trials.costs is not None:
+        loop_compile, per_trial = trials.costs
+        loop_rate, loop_estimate = 1.0 / per_trial, loop_compile + remaining * per_trial
+    else:
+        loop = LoopExecutor().build(trials, chunk_size, devices)
+        loop_compile, loop_rate = loop.compile_seconds, probe / _timed(loop, start, start + probe)
+        loop_estimate = remaining / loop_rate
+    rows = [_row("loop", loop_rate, loop_compile, loop_estimate, True)]
+    runners: dict[str, tuple[Executor, Runner | None]] = {"loop": (LoopExecutor(), loop)}
     sample = min(auto.sample, max(1, remaining))
     for candidate in auto.candidates:
         if isinstance(candidate, LoopExecutor):
             continue
         runner = candidate.build(trials, chunk_size, devices)
         programs = len(set(runner.keys(np.arange(start, start + sample)))) if hasattr(runner, "keys") else 1
-        if remaining / loop_rate < programs * loop.compile_seconds:
+        if loop_estimate < programs * loop_compile:
             rows.append(_row(runner.name, float("nan"), float("nan"), float("inf"), False))
             continue
         compile_s = runner.compile_seconds + _timed(runner, start, start + sample)
         rate = sample / _timed(runner, start, start + sample)
-        usable = not isinstance(candidate, (VmapExecutor, MapExecutor)) or same_bits(
-            _first(runner(start, start + probe)[:2], probe), reference[:2])
+        usable = True
+        if isinstance(candidate, (VmapExecutor, MapExecutor)):
+            loop = loop or LoopExecutor().build(trials, chunk_size, devices)
+            runners["loop"] = (LoopExecutor(), loop)
+            usable = same_bits(_first(runner(start, start + probe)[:2], probe), loop(start, start + probe)[:2])
         rows.append(_row(runner.name, rate, compile_s, remaining / rate, usable))
         runners[runner.name] = (candidate, runner)
     table = pd.DataFrame(rows)
     usable = table[table["usable"]]
-    best, runner = runners[usable.loc[usable["estimate_s"].idxmin(), "executor"]]
-    table["chosen"] = table["executor"] == runner.name
+    name = usable.loc[usable["estimate_s"].idxmin(), "executor"]
+    best, runner = runners[name]
+    table["chosen"] = table["executor"] == name
     return best, runner, table
 
 

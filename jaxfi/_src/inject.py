@@ -272,8 +272,7 @@ def _apply_flat(key: jax.Array, flat: jax.Array, index: jax.Array, site: int, fa
         after, own = pop.plan.fault.apply_raw(jax.random.fold_in(key, site), before, fmt)
     written = bits_lib.from_bits(after, flat.dtype) if native else after
     store = store.at[jnp.where(hit, index, flat.shape[0])].set(written, mode="drop")
-    widen = lambda v: jnp.where(hit, v.astype(rec), 0)
-    fields = SiteFaults(hit, widen(own), widen(before), widen(after))
+    fields = SiteFaults(hit, *(jnp.where(hit, v.astype(rec), 0) for v in (own, before, after)))
     return back(store), fields
 
 

@@ -42,10 +42,18 @@ from jax.extend import core as jex
 
 from jaxfi._src import bits as bits_lib
 from jaxfi._src import interpret
-from jaxfi._src.inject import (Faults, apply_rows, apply_site, assemble_record, inject_params, live_faults, movable,
-                               plan_keys)
+from jaxfi._src.inject import (
+    Faults,
+    apply_rows,
+    apply_site,
+    assemble_record,
+    inject_params,
+    live_faults,
+    movable,
+    plan_keys,
+)
 from jaxfi._src.plan import Plan, Population
-from jaxfi._src.sites import param_sites
+from jaxfi._src.sites import Site, param_sites
 from jaxfi._src.trial import input_sites, plan_key
 
 _ELEMENTWISE = frozenset({
@@ -79,7 +87,9 @@ def _row_operands(eqn: jex.JaxprEqn, batch: int) -> tuple[bool, ...] | None:
     if any(_shape(o)[:1] != (batch,) for o in eqn.outvars):
         return None
     shapes = [_shape(v) for v in eqn.invars]
-    rowed = lambda s: len(s) == out_rank and s[:1] == (batch,)
+    def rowed(s: tuple[int, ...]) -> bool:
+        return len(s) == out_rank and s[:1] == (batch,)
+
     first = rowed(shapes[0])
     rest = (False,) * (len(shapes) - 1)
     if name in _ELEMENTWISE or (name == "concatenate" and p["dimension"] != 0):
@@ -234,7 +244,7 @@ class RowProgram:
         self._corrected = {n for n, (op, how) in enumerate(zip(flat.ops, hows)) if self._incremental
                            and how == "full" and _correctable(op, faulted, mode, self._params_cap)}
         self._steps = [(op, _rows_recipe(op, sliced, mode) if how == "rows" else None,
-                        _full_recipe(op, mode, doubled) if how == "full" or bool(doubled.intersection(op.outs)) else None,
+                        _full_recipe(op, mode, doubled) if how == "full" or doubled.intersection(op.outs) else None,
                         how) for op, how, sliced in zip(flat.ops, hows, slices)]
         self._doubled_ids = doubled
         by_rows = {(h.plan, h.site) for i, hooks in self._hooks.items() if mode[i] == "rows" for h in hooks}
@@ -400,7 +410,7 @@ class RowProgram:
             if self._plans[hook.plan].kind != "params":
                 continue
             record, site = records[hook.plan], self._pops[hook.plan].sites[hook.site]
-            value = lambda raw: bits_lib.from_bits(raw.astype(site.format.uint), site.dtype)
+            value = functools.partial(_value_of, site)
             # Faults on one value share its record (sorted, adjacent): count the value once.
             first = jnp.concatenate([jnp.ones((1,), bool), (record.index[1:] != record.index[:-1])
                                      | (record.site[1:] != record.site[:-1])])
@@ -513,6 +523,11 @@ def _correction(eqn: jex.JaxprEqn, golden: jax.Array, x: jax.Array, changes: Cha
         new = jnp.where(changes.valid[k], old + term.astype(y.dtype), old)
         y = lax.dynamic_update_slice_in_dim(y, new, coords[out_f][k], axis=dn.out_spec[1])
     return y
+
+
+def _value_of(site: Site, raw: jax.Array) -> jax.Array:
+    """A site's values from the raw bits in a record (widened to 32 or 64 bits)."""
+    return bits_lib.from_bits(raw.astype(site.format.uint), site.dtype)
 
 
 def _rows_recipe(op: interpret.Op, sliced: tuple[bool, ...], mode: dict[int, str]) -> _Recipe:

@@ -67,7 +67,8 @@ def param_sites(params: Any) -> list[Site]:
             for p, x in leaves if hasattr(x, "dtype")]
 
 
-def _listing(sites: Sequence[Site], limit: int = 60) -> str:
+def listing(sites: Sequence[Site], limit: int = 60) -> str:
+    """The sites' names, dtypes and shapes, one per line (at most ``limit``), for error messages."""
     rows = [f"  {s.name}  {s.dtype.name}{list(s.shape)}" for s in sites[:limit]]
     if len(sites) > limit:
         rows.append(f"  ... and {len(sites) - limit} more")
@@ -133,7 +134,7 @@ class Selector:
         if not chosen:
             raise ValueError(
                 f"selection {self.describe()} matches no {self.kind} site; available:\n"
-                + _listing([s for s in candidates if s.kind == self.kind]))
+                + listing([s for s in candidates if s.kind == self.kind]))
         return chosen
 
     def describe(self) -> str:

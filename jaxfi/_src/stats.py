@@ -426,7 +426,3 @@ def converged(summary_or_counts: Any, margin: float, confidence: float = 0.95,
     half = (np.asarray(hi) - np.asarray(lo)) / 2.0
     return bool(np.size(n) > 0 and np.all(np.asarray(n) > 0) and np.all(half <= margin))
 
-
-# The names campaign.py still calls; removed once it moves to the names above.
-summarize = stratified_rates
-mean_ci = mean_interval

@@ -22,7 +22,7 @@ import numpy as np
 from jaxfi._src import activations
 from jaxfi._src.inject import Record, inject_arrays, inject_params
 from jaxfi._src.plan import Plan
-from jaxfi._src.sites import Site, path_name, param_sites
+from jaxfi._src.sites import Site, param_sites, path_name
 
 
 def input_sites(args: Sequence[Any], params_argnum: int | None = 0) -> list[Site]:
@@ -182,7 +182,9 @@ class Trials:
 
     ``fn(base_key, index, params, inputs) -> (output, records)``; trial ``i``
     uses ``trial_key(base_key, i)``. ``apply_fn`` and ``plans`` (what ``fn``
-    was built from) let executors specialise trials.
+    was built from) let executors specialise trials; ``costs`` (seconds to
+    compile and to run the golden forward) lets "auto" estimate the loop
+    without building it.
     """
 
     fn: Callable[..., Any]
@@ -191,6 +193,7 @@ class Trials:
     inputs: Any
     apply_fn: Callable[..., Any] | None = None
     plans: tuple[Plan, ...] | None = None
+    costs: tuple[float, float] | None = None
 
     @functools.cached_property
     def single(self) -> Callable[..., Any]:
