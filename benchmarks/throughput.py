@@ -1,122 +1,168 @@
 """Campaign throughput against the peers' per-trial loop, measured side by side.
 
-For LeNet-5 and ResNet-8 at batch 256 on MNIST-5k images, and three fault
-cases (one random single-bit flip in any weight, uniform over weight bits; one
-in any activation; a bit error rate of 1e-6 over weights), prints trials/s of:
-the per-trial Python loop over a jitted faulty forward (how PyTorchFI and the
-other peers run), every executor, and what "auto" picks; the golden forward
-rate; and each rate's ratio to the loop. Steady state: programs are compiled
-before timing (compile seconds are listed apart); every executor's trials are
-checked bit for bit against the loop's. For single-bit weight faults it also
-compares the paths that are not bitwise (the sparse dense-layer path, split
-programs used without probing) with exact recomputation, trial by trial.
-Models are trained on MNIST-5k first (cached in --workdir).
+For each model and fault case it prints, from one run on this machine:
 
-    python benchmarks/throughput.py [--models lenet5,resnet8] [--trials 1024]
+* the golden forward rate (batches/s);
+* trials/s of the per-trial Python loop over a jitted faulty forward (how
+  PyTorchFI and the other peers run), and of the "grouped", "map" and "vmap"
+  executors, each through ``Campaign.run`` (outcomes included), steady state:
+  the second run of the same trials, programs already compiled;
+* compile seconds (``Result.compile_seconds``);
+* what "auto" picks and the wall time of a whole ``--campaign``-trial
+  campaign in a fresh process (from ``Campaign(...)`` to its Result,
+  compilation included) with ``executor="auto"`` and with "grouped", next
+  to the loop's time for the same campaign estimated from its compile and
+  steady rate;
+* verdict agreement of the fast path with the reference (the loop): the
+  share of trials whose SDC, SDC-5, DUE and masked verdicts all agree, and
+  the disagreeing trials.
+
+Models: the 108k-parameter CNN, LeNet-5 and ResNet-8 trained on MNIST-5k
+(cached in --workdir), batch 256; ResNet-18 at 224x224x3 with random weights
+and random images, batch 16. Cases: one single-bit flip in any weight (the
+``params`` collection), one in any activation, and a bit error rate of 1e-6
+over weights.
+
+    python benchmarks/throughput.py [--models cnn,lenet5] [--cases weights,ber]
 """
 
+from __future__ import annotations
+
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
 
 import jaxfi
-import jaxfi.data
-from jaxfi._src import executors as ex
-from jaxfi._src import outcomes
-from jaxfi.models import bind_inference
-from jaxfi.training import train_or_load
+from jaxfi import data, models, training
 
-BATCH = 256
 CASES = {
-    "weights, 1 bit flip": jaxfi.Plan(jaxfi.Params(), jaxfi.BitFlip(), count=1),
-    "activations, 1 bit flip": jaxfi.Plan(jaxfi.Activations(), jaxfi.BitFlip(), count=1),
-    "weights, BER 1e-6": jaxfi.Plan(jaxfi.Params(), jaxfi.BitFlip(), ber=1e-6),
+    "weights": ("one bit flip in any weight", lambda: jaxfi.Plan(jaxfi.Params("^params/"), jaxfi.BitFlip(), count=1)),
+    "activations": ("one bit flip in any activation",
+                    lambda: jaxfi.Plan(jaxfi.Activations(), jaxfi.BitFlip(), count=1)),
+    "ber": ("bit error rate 1e-6 over weights",
+            lambda: jaxfi.Plan(jaxfi.Params("^params/"), jaxfi.BitFlip(), ber=1e-6)),
 }
+VERDICTS = ("sdc", "sdc5", "due", "masked")
+# Per model: batch, trials for the loop (and the agreement check), trials for the fast path.
+SIZES = {"cnn": (256, 1024, 4096), "lenet5": (256, 1024, 4096), "resnet8": (256, 256, 1024),
+         "resnet18": (16, 16, 64)}
 
 
-def _golden_rate(apply_fn, params, images, repeats: int = 10) -> float:
+def subject(name: str, workdir: str) -> tuple[Any, Any, np.ndarray, np.ndarray | None]:
+    """``(apply_fn, params, images, labels)`` of a benchmark model."""
+    if name == "resnet18":
+        model = models.get_model("resnet18")
+        apply_fn, params = models.bind_inference(model, models.init_variables(model, (224, 224, 3)))
+        images = np.asarray(jax.random.normal(jax.random.key(1), (SIZES[name][0], 224, 224, 3)))
+        return apply_fn, params, images, None
+    model, variables, _ = training.train_or_load(name, workdir, log=None)
+    apply_fn, params = models.bind_inference(model, variables)
+    test = data.eval_subset(data.load("mnist5k", "test"), SIZES[name][0])
+    return apply_fn, params, test.images, test.labels
+
+
+def golden_rate(apply_fn, params, images, repeats: int = 5) -> float:
     forward = jax.jit(apply_fn)
     jax.block_until_ready(forward(params, images))
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        began = time.perf_counter()
         jax.block_until_ready(forward(params, images))
-        times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - began)
     return 1.0 / statistics.median(times)
 
 
-def _timed(runner, start: int, trials: int):
-    runner(start, start + min(runner.width, trials))
+def timed_run(campaign: jaxfi.Campaign, trials: int, executor: str, chunk: int) -> tuple[Any, float, float]:
+    """The result, compile seconds and steady trials/s of ``executor`` on ``trials`` trials."""
+    result = campaign.run(trials, executor=executor, chunk_size=chunk, quiet=True)
     began = time.perf_counter()
-    outs = [runner(a, min(a + runner.width, start + trials))
-            for a in range(start, start + trials, runner.width)]
-    rate = trials / (time.perf_counter() - began)
-    return rate, jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+    campaign.run(trials, executor=executor, chunk_size=chunk, quiet=True)
+    return result, result.compile_seconds, trials / (time.perf_counter() - began)
 
 
-def _case(trials: ex.Trials, args, golden: float) -> None:
-    devices = jax.local_devices()
-    loop = ex.LoopExecutor().build(trials, args.loop_trials, devices)
-    loop_rate, reference = _timed(loop, 0, args.loop_trials)
-    print(f"  {'golden forward':<26}{golden:9.1f} batches/s {golden / loop_rate:8.2f}x loop")
-    print(f"  {'loop (peers)':<26}{loop_rate:9.1f} trials/s  {1.0:8.2f}x loop")
-    executors = [(ex.MapExecutor(), args.chunk, args.chunk), (ex.VmapExecutor(), args.chunk, args.chunk),
-                 (ex.GroupedExecutor(), args.trials, args.trials)]
-    for executor, chunk, count in executors:
-        runner = executor.build(trials, chunk, devices)
-        rate, out = _timed(runner, 0, count)
-        same = ex.same_bits(jax.tree.map(lambda a: a[:args.loop_trials], out), reference)
-        print(f"  {runner.name:<26}{rate:9.1f} trials/s  {rate / loop_rate:8.2f}x loop"
-              f"   compile {runner.compile_seconds:5.1f} s  bitwise {same}")
-    chosen, _, table = ex.choose(ex.AutoExecutor(), trials, args.chunk, devices, 0, args.chunk)
-    best = table.loc[table["chosen"], "trials_per_s"].iloc[0]
-    print(f"  auto picks {chosen.name!r} (probe rate {best:.1f} trials/s on a {args.chunk}-trial chunk)")
+def agreement(fast: Any, reference: Any) -> tuple[float, list[int]]:
+    """Share of the reference's trials whose verdicts all agree, and the others."""
+    n = len(reference.table)
+    a, b = fast.table.iloc[:n], reference.table
+    same = np.ones(n, bool)
+    for verdict in VERDICTS:
+        same &= a[verdict].to_numpy() == b[verdict].to_numpy()
+    return float(same.mean()), [int(t) for t in b["trial"][~same]]
 
 
-def _agreement(trials: ex.Trials, apply_fn, params, images, labels, args) -> None:
-    """Outcomes of the paths that are not bitwise (sparse dense layers; split
-    programs used without probing) against exact recomputation, trial by trial."""
-    devices = jax.local_devices()
-    golden = outcomes.golden(jax.jit(apply_fn)(params, images), labels)
-    sdc = {}
-    for executor in (ex.GroupedExecutor(), ex.GroupedExecutor(sparse=True), ex.GroupedExecutor(bitwise=False)):
-        runner = executor.build(trials, args.trials, devices)
-        rate, out = _timed(runner, args.trials, args.trials)
-        sdc[runner.name] = outcomes.classification(golden, np.asarray(out[0]))["sdc"]
-        lo, hi = jaxfi.wilson(int(sdc[runner.name].sum()), len(sdc[runner.name]))
-        print(f"  {runner.name:<34}{rate:9.1f} trials/s  SDC rate {sdc[runner.name].mean():.4f} [{lo:.4f}, {hi:.4f}]")
-    exact, *fast = sdc
-    for name in fast:
-        agree = float((sdc[name] == sdc[exact]).mean())
-        print(f"  {name} vs exact: same SDC verdict in {agree:.2%} of {len(sdc[name])} trials")
+def fresh_campaign(name: str, case: str, trials: int, workdir: str, executor: str) -> dict[str, Any]:
+    """A whole campaign in a fresh process (Campaign construction and compilation included)."""
+    done = subprocess.run([sys.executable, __file__, "--fresh", name, case, str(trials), workdir, executor],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _fresh(name: str, case: str, trials: int, workdir: str, executor: str) -> None:
+    apply_fn, params, images, labels = subject(name, workdir)
+    began = time.perf_counter()
+    campaign = jaxfi.Campaign(apply_fn, params, images, labels, CASES[case][1](), seed=0)
+    result = campaign.run(trials, executor=executor, chunk_size=256, quiet=True)
+    seconds = time.perf_counter() - began
+    print(json.dumps({"seconds": seconds, "executor": result.executor, "trials": len(result.table)}))
+
+
+def bench(name: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
+    apply_fn, params, images, labels = subject(name, args.workdir)
+    batch, n_loop, n_fast = SIZES[name]
+    n_loop, n_fast = min(n_loop, args.trials), min(n_fast, args.trials * 4)
+    row: dict[str, Any] = {"model": name, "case": CASES[case][0], "batch": batch,
+                           "golden_batches_per_s": golden_rate(apply_fn, params, images)}
+    campaign = jaxfi.Campaign(apply_fn, params, images, labels, CASES[case][1](), seed=0)
+    reference, row["loop_compile_s"], row["loop"] = timed_run(campaign, n_loop, "loop", 64)
+    fast, row["grouped_compile_s"], row["grouped"] = timed_run(campaign, n_fast, "grouped", 256)
+    row["grouped/loop"] = row["grouped"] / row["loop"]
+    for executor in ([] if name == "resnet18" else ["map", "vmap"]):
+        try:
+            _, _, row[executor] = timed_run(campaign, min(n_loop, 64), executor, 64)
+        except jaxfi.executors.NotBitwiseError:
+            row[executor] = "not bitwise"
+    row["agreement"], row["disagreeing"] = agreement(fast, reference)
+    row["agreement_trials"] = n_loop
+    row["fast_sdc_rate"] = float(fast.table["sdc"].iloc[:n_loop].mean())
+    row["loop_sdc_rate"] = float(reference.table["sdc"].mean())
+    if args.campaign:
+        whole = fresh_campaign(name, case, args.campaign, args.workdir, "auto")
+        row["auto_picked"] = whole["executor"]
+        row["campaign_auto_s"] = whole["seconds"]
+        row["campaign_grouped_s"] = fresh_campaign(name, case, args.campaign, args.workdir, "grouped")["seconds"]
+        row["campaign_loop_estimate_s"] = row["loop_compile_s"] + args.campaign / row["loop"]
+    return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="lenet5,resnet8")
-    parser.add_argument("--trials", type=int, default=1024, help="trials timed for grouped")
-    parser.add_argument("--chunk", type=int, default=64, help="chunk of map/vmap/auto")
-    parser.add_argument("--loop_trials", type=int, default=32, help="trials timed for the loop")
-    parser.add_argument("--workdir", default="runs/models", help="trained models (trained if absent)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="cnn,lenet5,resnet8,resnet18")
+    parser.add_argument("--cases", default="weights,activations,ber")
+    parser.add_argument("--trials", type=int, default=1024, help="most trials the loop runs per case")
+    parser.add_argument("--campaign", type=int, default=9604,
+                        help="trials of the fresh-process campaign (0: skip); ResNet-18 skips it")
+    parser.add_argument("--workdir", default="runs/models")
+    parser.add_argument("--out", default="", help="also write the rows as JSON lines here")
     args = parser.parse_args()
-    test = jaxfi.data.load("mnist5k", "test", num_examples=BATCH)
-    images = test.images
-    print(f"jax {jax.__version__}, {jax.default_backend()}, {len(jax.local_devices())} device(s), batch {BATCH}")
     for name in args.models.split(","):
-        model, variables, _ = train_or_load(name, args.workdir, log=lambda *a: None)
-        apply_fn, params = bind_inference(model, variables)
-        golden = _golden_rate(apply_fn, params, images)
-        for case, plan in CASES.items():
-            print(f"{name}: {case}")
-            trials = ex.Trials(ex.trial_function(jaxfi.faulty(apply_fn, plan)), jax.random.key(0),
-                               params, images, apply_fn, (plan,))
-            _case(trials, args, golden)
-            if case == "weights, 1 bit flip":
-                _agreement(trials, apply_fn, params, images, test.labels, args)
+        for case in args.cases.split(","):
+            local = argparse.Namespace(**{**vars(args), "campaign": 0 if name == "resnet18" else args.campaign})
+            row = bench(name, case, local)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--fresh":
+        _fresh(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6])
+    else:
+        main()

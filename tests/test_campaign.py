@@ -175,6 +175,14 @@ def test_grouped_table_does_not_depend_on_chunk_size(campaign, grouped):
     assert_same_result(campaign.run(trials=70, executor="grouped", chunk_size=7, quiet=True), grouped)
 
 
+def test_grouped_table_does_not_depend_on_resuming(grouped, tmp_path):
+    fresh = mlp_campaign()  # a new campaign: nothing compiled or decided yet
+    fresh.run(trials=30, executor="grouped", chunk_size=16, quiet=True, store=tmp_path)
+    resumed = fresh.run(trials=70, executor="auto", chunk_size=9, quiet=True, store=tmp_path)
+    assert resumed.executor == grouped.executor
+    assert_same_result(resumed, grouped)
+
+
 def test_grouped_draws_the_loop_faults_and_agrees_on_verdicts(reference, grouped):
     """Records are bitwise the loop's; outputs come from other programs, so
     verdicts are compared (every one agrees on this model) and each trial

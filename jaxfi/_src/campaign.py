@@ -212,7 +212,7 @@ class Campaign:
                 left -= stop - start
                 tally.add(parts[-1])
                 bar.update(stop - start)
-        return self._result(parts, session.name, session.timings, stopped, trials)
+        return self._result(parts, session.name, session.timings, stopped, trials, session.compile_seconds)
 
     def _golden_of(self, program: int, runner_golden: Callable[[int], np.ndarray]) -> outcomes_lib.Golden:
         if program not in self._goldens:
@@ -314,8 +314,8 @@ class Campaign:
         keep = arrays["trial"] < limit if limit is not None else slice(None)
         return [{name: a[keep] for name, a in arrays.items()}]
 
-    def _result(self, parts: list[dict[str, np.ndarray]], executor: str,
-                timings: pd.DataFrame | None, stopped: bool, requested: int | None) -> Result:
+    def _result(self, parts: list[dict[str, np.ndarray]], executor: str, timings: pd.DataFrame | None,
+                stopped: bool, requested: int | None, compile_seconds: float | None = None) -> Result:
         columns = _merge(parts, self._empty_columns)
         records = tuple(
             Record(*(columns[_RECORD_COLUMN.format(plan=j, field=f)] for f in Record._fields))
@@ -325,7 +325,7 @@ class Campaign:
                               "program": columns["program"],
                               **fault_summary(records, self.sites)})
         return Result(table, records, self.golden, self.sites, executor, timings, stopped,
-                      requested, tuple(self._custom))
+                      requested, tuple(self._custom), compile_seconds)
 
     @functools.cached_property
     def _empty_columns(self) -> dict[str, np.ndarray]:
@@ -351,6 +351,10 @@ class _Session:
     @property
     def name(self) -> str:
         return self._runner.name if self._runner is not None else ""
+
+    @property
+    def compile_seconds(self) -> float | None:
+        return self._runner.compile_seconds if self._runner is not None else None
 
     def golden(self, program: int) -> np.ndarray:
         """The golden output of the runner's program ``program``."""
@@ -455,7 +459,8 @@ class Result:
     ``records`` holds one Record per plan with arrays stacked by table row.
     ``executor`` names the executor used (the choice of "auto"), ``timings``
     what auto measured, ``stopped_early`` whether the margin was met before
-    the trial budget. A Result whose table has truncated (``overflow``)
+    the trial budget, ``compile_seconds`` what the executor has spent
+    compiling for this campaign so far (None when nothing was computed). A Result whose table has truncated (``overflow``)
     trials warns when it is made, and ``summary`` counts them per row.
     """
 
@@ -468,6 +473,7 @@ class Result:
     stopped_early: bool
     trials_requested: int | None
     custom_outcomes: tuple[str, ...] = ()
+    compile_seconds: float | None = None
 
     def __post_init__(self):
         truncated = int(self.table["overflow"].sum())
