@@ -53,7 +53,8 @@ def chunks(root):
 
 
 def test_resilience_script_writes_documented_outputs_and_resumes(workdir):
-    flags = ("--models=mlp", "--trials=8", "--rates=1e-7,1e-3", "--eval_size=32", "--chunk_size=4")
+    flags = ("--models=mlp", "--trials=8", "--max_trials=8", "--rates=1e-7,1e-3", "--eval_size=32",
+             "--chunk_size=4")
     run_script("resilience", workdir, *flags)
     stem = workdir / "resilience-weights-rate"
     table = pd.read_csv(f"{stem}.csv")
@@ -205,6 +206,37 @@ def test_missing_torchvision_weights_name_the_files_expected(tmp_path):
         study.load_subjects(["resnet18"], tmp_path, weights=str(tmp_path), eval_size=4)
 
 
+def test_target_grows_steep_points_to_the_half_width_and_stops_flat_ones():
+    target = study.Target(half_width=0.03, min_trials=32, max_trials=2048)
+    rng = np.random.default_rng(0)
+    assert target.next_trials(np.full(32, 0.05)) is None  # every trial alike: a zero-width interval
+    steep = rng.choice([0.05, 0.9], size=32)  # sd about 0.43: about (1.96 * 0.43 / 0.03)**2 trials
+    grown = target.next_trials(steep, step=32)
+    assert grown % 32 == 0 and 700 < grown < 1100
+    assert target.next_trials(rng.choice([0.05, 0.9], size=grown)) in (None, *range(grown + 32, 2049))
+    assert target.next_trials(rng.choice([0.05, 0.9], size=2048)) is None  # the cap
+    assert target.next_trials(np.r_[np.full(31, 0.05), 0.06]) is None
+    assert study.half_width(steep) == pytest.approx(
+        jaxfi.stats.mean_interval(steep)["half_width"])
+    for bad in ({"half_width": 0.0}, {"min_trials": 1}, {"max_trials": 16}, {"confidence": 1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            study.Target(**bad)
+
+
+def test_sequential_sweep_resumes_its_store_and_meets_the_target(subjects, tmp_path):
+    mlp = subjects["mlp"]
+    point = study.Point(study.WEIGHTS, rate=1e-5)
+    job = study.Job(mlp, study.plans_for(mlp, point), point.label, {})
+    target = study.Target(half_width=0.1, min_trials=8, max_trials=64)
+    done, = study.run_sweep([job], tmp_path, trials=target, seed=0, executor="loop", chunk_size=8, log=None)
+    errors = 1.0 - done.result.table["accuracy"].to_numpy()
+    assert 8 < len(errors) <= 64 and done.computed == len(errors) and done.executor == "loop"
+    assert len(errors) == 64 or study.half_width(errors) <= 0.1
+    again, = study.run_sweep([job], tmp_path, trials=target, seed=0, executor="loop", chunk_size=8, log=None)
+    assert again.computed == 0 and again.executor == ""
+    pd.testing.assert_frame_equal(again.result.table, done.result.table)
+
+
 # ---------------------------------------------------------------- flags
 
 
@@ -223,6 +255,11 @@ def test_flag_checks_name_what_is_wrong():
         study_flags.check_choices(["mlp", "vit"], models.MODELS, "model")
     with pytest.raises(ValueError, match="executor must be one of"):
         study_flags.check_executor("fastest")
+    with pytest.raises(ValueError, match=r"--max_trials \(16\) must be at least --trials \(32\)"):
+        study_flags.check_target(32, 16, 0.03)
+    with pytest.raises(ValueError, match="--half_width must be a fraction"):
+        study_flags.check_target(32, 64, 0.0)
+    assert study_flags.check_target(32, 64, 0.05) == study.Target(0.05, 32, 64)
     with pytest.raises(ValueError, match="mnist5k has 1000 test images"):
         study_flags.check_eval_size(1001, "mnist5k")
     assert study_flags.check_eval_size(1000, "mnist5k") == 1000
@@ -232,6 +269,7 @@ def test_flag_checks_name_what_is_wrong():
     ("resilience", "--rates=", "flag --rates=.*at least one bit error rate"),
     ("resilience", "--models=mlp,vit", "flag --models=.*unknown model"),
     ("resilience", "--eval_size=5000", "eval_size=5000.*1000 test images"),
+    ("resilience", "--max_trials=16", "max_trials=16.*must be at least --trials"),
     ("fault_aware", "--rates=", "flag --rates=.*at least one bit error rate"),
     ("fault_aware", "--executor=fastest", "flag --executor=fastest"),
     ("bit_sensitivity", "--dtypes=int8", "flag --dtypes=.*unknown dtype"),

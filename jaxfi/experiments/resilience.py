@@ -63,8 +63,9 @@ from jaxfi.study import flags as study_flags
 
 flags = study_flags.flags
 
-_FLAG_NAMES = ("models", "mode", "rates", "counts", "site", "batch_stats", "trials", "eval_size",
-               "executor", "chunk_size", "seed", "epochs", "dataset", "data_dir", "weights")
+_FLAG_NAMES = ("models", "mode", "rates", "counts", "site", "batch_stats", "trials", "max_trials",
+               "half_width", "eval_size", "executor", "chunk_size", "seed", "epochs", "dataset", "data_dir",
+               "weights", "num_processes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,8 @@ class Flags:
     site: Any
     batch_stats: Any
     trials: Any
+    max_trials: Any
+    half_width: Any
     dataset: Any
     data_dir: Any
     weights: Any
@@ -87,7 +90,7 @@ def define_flags() -> Flags:
     """Defines the script's flags and their validators (they show under the script's name in --help)."""
     flags.disclaim_key_flags()
     defined = Flags(
-        common=study_flags.define_common_flags(eval_size=256, chunk_size=16,
+        common=study_flags.define_common_flags(eval_size=128, chunk_size=32,
                                                chunk_help="Trials per stored chunk (resume granularity)."),
         mode=flags.DEFINE_enum("mode", "rate", ["rate", "count"], "Sweep bit error rates or exact fault counts."),
         rates=flags.DEFINE_list("rates", [f"{r:g}" for r in study.DEFAULT_RATES], "Bit error rates (--mode=rate)."),
@@ -95,13 +98,21 @@ def define_flags() -> Flags:
                                  "Single-bit flips per trial (--mode=count)."),
         site=flags.DEFINE_enum("site", "weights", list(study.SITES), "What the faults corrupt."),
         batch_stats=flags.DEFINE_bool("batch_stats", False, "Count BatchNorm running statistics as weights."),
-        trials=flags.DEFINE_integer("trials", 32, "Trials per (model, point).", lower_bound=2),
+        trials=flags.DEFINE_integer("trials", 32, "Trials every (model, point) runs first.", lower_bound=2),
+        max_trials=flags.DEFINE_integer(
+            "max_trials", 2048, "Trials no (model, point) exceeds (--max_trials=--trials: a fixed number).",
+            lower_bound=2),
+        half_width=flags.DEFINE_float(
+            "half_width", 0.03, "Run more trials at a point until the 95% Student-t interval of its top-1 "
+            "error over trials is at most this wide on either side (a fraction: 0.03 = 3 points), or "
+            "--max_trials ran.", lower_bound=0.0, upper_bound=1.0),
         dataset=flags.DEFINE_string("dataset", data.EMBEDDED, "'mnist5k' or a prepared TFDS dataset."),
         data_dir=flags.DEFINE_string("data_dir", None, "TFDS data directory."),
         weights=flags.DEFINE_string("weights", None, "Directory of torchvision NAME.npz/.safetensors weights."))
     study_flags.validate("rates", study_flags.check_rates)
     study_flags.validate("counts", study_flags.check_counts)
     study_flags.validate(("eval_size", "dataset"), study_flags.check_eval_size)
+    study_flags.validate(("trials", "max_trials", "half_width"), study_flags.check_target)
     return defined
 
 
@@ -116,7 +127,8 @@ def run(defined: Flags, argv: list[str]) -> None:
     jobs = [study.Job(s, study.plans_for(s, p, defined.batch_stats.value), f"{s.label}/{p.label}",
                       {"model": s.label, "site": p.site, "mode": p.mode, "rate": p.rate, "count": p.count})
             for s in subjects for p in points]
-    done = common.sweep(jobs, workdir / "campaigns" / "resilience", defined.trials.value)
+    target = study_flags.check_target(defined.trials.value, defined.max_trials.value, defined.half_width.value)
+    done = common.sweep(jobs, workdir / "campaigns" / "resilience", target)
     table = pd.DataFrame([_row(d, common.seed.value) for d in done])
     mode, site = defined.mode.value, defined.site.value
     study.write_report(workdir / f"resilience-{site}-{mode}", table, name="resilience",
@@ -141,14 +153,17 @@ def _row(done: study.Done, seed: int) -> dict[str, Any]:
 
 def _title(defined: Flags, subjects: list[study.Subject]) -> str:
     what = {"weights": "weight", "activations": "activation", "both": "weight and activation"}[defined.site.value]
-    return (f"Random {what} bit flips on {defined.dataset.value}: {defined.trials.value} trials x "
+    low, high = defined.trials.value, defined.max_trials.value
+    trials = (f"{low} trials" if low == high else
+              f"{low}-{high} trials (until the error's 95% interval is +-{100 * defined.half_width.value:g} points)")
+    return (f"Random {what} bit flips on {defined.dataset.value}: {trials} x "
             f"{len(subjects[0].labels)} test images per point")
 
 
 def _print(mode: str, table: pd.DataFrame) -> None:
     x = "rate" if mode == "rate" else "count"
     view = pd.DataFrame({
-        "model": table["model"], x: table[x],
+        "model": table["model"], x: table[x], "trials": table["trials"],
         "error %": [f"{100 * e:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
                     for e, lo, hi in zip(table["error"], table["error_lo"], table["error_hi"])],
         "SDC %": (100 * table["sdc"]).round(2), "SDC-5 %": (100 * table["sdc5"]).round(2),

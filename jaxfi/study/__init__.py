@@ -10,7 +10,9 @@ the ``models`` extra; plots need ``plots``, flags need ``experiments``.
 A sweep is a list of ``Job``s, one ``jaxfi.Campaign`` each, every one with
 its own ``Store`` under ``WORKDIR/campaigns/``: running a sweep again
 continues an interrupted campaign where it stopped and reads finished ones
-back without computing a trial. Workdir layout::
+back without computing a trial. A ``Target`` sizes each campaign
+sequentially (more trials until its top-1 error's interval is narrow
+enough); each extension resumes the store. Workdir layout::
 
     models/NAME.msgpack, NAME.json       trained models (jaxfi.training.train_or_load)
     campaigns/STUDY/SUBJECT/POINT/       one jaxfi Store per campaign
@@ -65,6 +67,8 @@ from jaxfi.study.sweeps import (
     Done,
     Job,
     Point,
+    Target,
+    half_width,
     logit_deviation,
     plans_for,
     run_sweep,
@@ -84,8 +88,10 @@ __all__ = [
     "Job",
     "Point",
     "Subject",
+    "Target",
     "bit_field",
     "cast",
+    "half_width",
     "layer_outputs",
     "load_subjects",
     "logit_deviation",

@@ -13,18 +13,23 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxfi import data, executors, models
+import jax
+from jax.experimental import multihost_utils
+
+from jaxfi import data, distributed, executors, models
 from jaxfi._src.extras import require
 from jaxfi.study.subjects import Subject, load_subjects
-from jaxfi.study.sweeps import Done, Job, run_sweep
+from jaxfi.study.sweeps import Done, Job, Target, run_sweep
 
 app = require("absl.app", "experiments")
 flags = require("absl.flags", "experiments")
 
 EXECUTOR_HELP = (
-    "Campaign executor: loop, auto, grouped, vmap or map. Results do not depend on it. auto times "
-    "every executor on each model's first computed campaign and reuses its choice; on 2 CPU cores "
-    "that probe costs about a minute per model, more than it saves on these small models.")
+    "Campaign executor: loop, auto, grouped, vmap or map. auto decides once per campaign from a "
+    "probe; a campaign's store keeps the executor family that computed it, and resuming it with "
+    "another is an error. The scripts default to loop: at rates that flip many weight bits per trial "
+    "grouped recomputes nearly the whole model, and on ResNet-8 auto spent 20-40 s per campaign "
+    "compiling it (docs/study.md, Cost).")
 
 
 def check_rates(values: Sequence[str]) -> list[float]:
@@ -87,6 +92,19 @@ def check_choices(values: Sequence[str], allowed: Sequence[str], what: str) -> l
     return list(values)
 
 
+def check_target(trials: int, max_trials: int, half_width: float) -> Target:
+    """The sequential sample size of the flags --trials, --max_trials and --half_width.
+
+    Raises:
+      ValueError: --max_trials below --trials, or --half_width not in (0, 1).
+    """
+    if max_trials < trials:
+        raise ValueError(f"--max_trials ({max_trials}) must be at least --trials ({trials})")
+    if not 0.0 < half_width < 1.0:
+        raise ValueError(f"--half_width must be a fraction in (0, 1), e.g. 0.03 for 3 points, got {half_width}")
+    return Target(half_width=half_width, min_trials=trials, max_trials=max_trials)
+
+
 def check_executor(name: str) -> str:
     """``name`` if it names an executor of ``jaxfi.executors``.
 
@@ -146,30 +164,56 @@ class CommonFlags:
     epochs: Any
 
     def load(self, **options: Any) -> tuple[pathlib.Path, list[Subject]]:
-        """Creates the workdir and ``load_subjects`` (with ``options``); exits on a bad model or file."""
+        """Joins the processes of the distributed flags, then creates the workdir and ``load_subjects``.
+
+        With several processes the workdir must be on a file system they all
+        share (their stores are there too): process 0 trains the models that
+        are not cached yet while the others wait, then they load its
+        checkpoints. Training once keeps every process on the same weights
+        (the campaigns check that they agree) and does not spend the
+        others' cores on duplicate work.
+
+        Args:
+          **options: passed to ``load_subjects``.
+
+        Returns:
+          The workdir and the subjects. Exits on a bad model or weights file.
+        """
+        distributed.initialize_from_flags()
         workdir = pathlib.Path(self.workdir.value)
         workdir.mkdir(parents=True, exist_ok=True)
+        lead = jax.process_index() == 0
         try:
-            return workdir, load_subjects(self.models.value, workdir, eval_size=self.eval_size.value,
-                                          seed=self.seed.value, epochs=self.epochs.value, **options)
+            subjects = self._subjects(workdir, lead, **options) if lead else None
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("jaxfi.study: models ready")
+            return workdir, subjects or self._subjects(workdir, lead, **options)
         except (ValueError, FileNotFoundError) as err:
             sys.exit(f"error: {err}")
 
-    def sweep(self, jobs: Sequence[Job], root: str | pathlib.Path, trials: int) -> list[Done]:
-        """``run_sweep`` with the seed, executor and chunk size of the flags."""
-        return run_sweep(jobs, root, trials=trials, seed=self.seed.value,
-                         executor=self.executor.value, chunk_size=self.chunk_size.value)
+    def _subjects(self, workdir: pathlib.Path, lead: bool, **options: Any) -> list[Subject]:
+        return load_subjects(self.models.value, workdir, eval_size=self.eval_size.value, seed=self.seed.value,
+                             epochs=self.epochs.value, log=print if lead else None, **options)
+
+    def sweep(self, jobs: Sequence[Job], root: str | pathlib.Path, trials: int | Target) -> list[Done]:
+        """``run_sweep`` with the seed, executor and chunk size of the flags (progress from process 0)."""
+        return run_sweep(jobs, root, trials=trials, seed=self.seed.value, executor=self.executor.value,
+                         chunk_size=self.chunk_size.value, log=print if jax.process_index() == 0 else None)
 
 
-def define_common_flags(*, eval_size: int, chunk_size: int,
+def define_common_flags(*, eval_size: int, chunk_size: int, executor: str = "loop",
                         chunk_help: str = "Trials per stored chunk.") -> CommonFlags:
     """Defines the flags of ``CommonFlags`` for the calling script, with their validators.
 
-    The flags belong to the calling script: they show under its name in ``--help``.
+    The flags belong to the calling script: they show under its name in
+    ``--help``. The distributed flags of ``jaxfi.distributed.define_flags``
+    (--coordinator_address, --num_processes, --process_id) come with them,
+    so every study script runs over several processes and hosts.
 
     Args:
       eval_size: the default of ``--eval_size``.
       chunk_size: the default of ``--chunk_size``.
+      executor: the default of ``--executor``.
       chunk_help: the help of ``--chunk_size``.
 
     Returns:
@@ -182,12 +226,13 @@ def define_common_flags(*, eval_size: int, chunk_size: int,
         models=flags.DEFINE_list("models", ["mlp", "lenet5", "resnet8"], "Models to study."),
         eval_size=flags.DEFINE_integer("eval_size", eval_size, "Test images evaluated in every trial.",
                                        lower_bound=1),
-        executor=flags.DEFINE_string("executor", "loop", EXECUTOR_HELP),
+        executor=flags.DEFINE_string("executor", executor, EXECUTOR_HELP),
         chunk_size=flags.DEFINE_integer("chunk_size", chunk_size, chunk_help, lower_bound=1),
         seed=flags.DEFINE_integer("seed", 0, "Seed of the faults and of the evaluation subset."),
         epochs=flags.DEFINE_integer("epochs", None, "Training epochs (default: per model).", lower_bound=1))
     validate("models", lambda names: check_choices(names, models.MODELS, "model"))
     validate("executor", check_executor)
+    distributed.define_flags()
     return common
 
 

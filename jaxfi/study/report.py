@@ -51,9 +51,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def timings(done: Sequence[Done]) -> list[dict[str, Any]]:
-    """Per job: its path, trials computed in this call, executor and seconds (for the JSON)."""
-    return [{"path": d.job.path, "computed": d.computed, "executor": d.executor,
-             "seconds": round(d.seconds, 2)} for d in done]
+    """Per job, for the JSON: its path, trials kept, trials computed in this call, the
+    executor that computed them, seconds, and what ``executor="auto"`` measured when it decided."""
+    return [{"path": d.job.path, "trials": len(d.result), "computed": d.computed, "executor": d.executor,
+             "seconds": round(d.seconds, 2),
+             "auto": None if d.timings is None else d.timings.to_dict("records")} for d in done]
 
 
 def write_report(stem: str | pathlib.Path, table: pd.DataFrame, *, name: str,
@@ -61,6 +63,9 @@ def write_report(stem: str | pathlib.Path, table: pd.DataFrame, *, name: str,
                  flag_values: dict[str, Any], subjects: Sequence[Subject], done: Sequence[Done],
                  began: float, show: Callable[[pd.DataFrame], None]) -> None:
     """Writes ``table`` to STEM.csv, its ``plot`` to STEM.png and STEM.json, then ``show``s it.
+
+    With several processes (``jaxfi.distributed``) every process holds the
+    same table; only process 0 writes and shows it.
 
     Args:
       stem: the output path without suffix.
@@ -74,6 +79,8 @@ def write_report(stem: str | pathlib.Path, table: pd.DataFrame, *, name: str,
       began: a ``time.perf_counter()`` reading at the start of the study.
       show: prints the table.
     """
+    if jax.process_index() != 0:
+        return
     table.to_csv(f"{stem}.csv", index=False)
     plot(table, f"{stem}.png", title)
     wall = time.perf_counter() - began
