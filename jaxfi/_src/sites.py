@@ -166,7 +166,24 @@ def _name_matches(pattern: str | None, name: str) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class Params(Selector):
+class _ByName(Selector):
+    """Sites of one kind by name regex, dtype or predicate."""
+
+    name: str | None = None
+    dtype: Any = None
+    where: Callable[[Site], bool] | None = None
+
+    def __post_init__(self):
+        _check_pattern("site name pattern", self.name)
+        _tupled(self, "dtype")
+
+    def accepts(self, site: Site) -> bool:
+        """Whether the site's name matches ``name``."""
+        return _name_matches(self.name, site.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Params(_ByName):
     """Parameter leaves, by path regex (e.g. ``r"conv1/kernel"``), dtype or predicate.
 
     Attributes:
@@ -177,17 +194,6 @@ class Params(Selector):
     """
 
     kind: ClassVar[str] = "params"
-    name: str | None = None
-    dtype: Any = None
-    where: Callable[[Site], bool] | None = None
-
-    def __post_init__(self):
-        _check_pattern("site name pattern", self.name)
-        _tupled(self, "dtype")
-
-    def accepts(self, site: Site) -> bool:
-        """Whether the leaf's path matches ``name``."""
-        return _name_matches(self.name, site.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +259,7 @@ class ModuleOutput(Selector):
 
 
 @dataclasses.dataclass(frozen=True)
-class Inputs(Selector):
+class Inputs(_ByName):
     """Function inputs (``arg0``, ``arg1/...``), by name regex, dtype or predicate.
 
     Attributes:
@@ -263,14 +269,3 @@ class Inputs(Selector):
     """
 
     kind: ClassVar[str] = "inputs"
-    name: str | None = None
-    dtype: Any = None
-    where: Callable[[Site], bool] | None = None
-
-    def __post_init__(self):
-        _check_pattern("site name pattern", self.name)
-        _tupled(self, "dtype")
-
-    def accepts(self, site: Site) -> bool:
-        """Whether the input's name matches ``name``."""
-        return _name_matches(self.name, site.name)
