@@ -1,8 +1,10 @@
 """Executors: how a campaign's trials are computed (one at a time, mapped, vectorised or grouped).
 
 Executors are chosen for speed, never for what they sample: every executor
-computes the same trials, and ``same_bits`` says whether two results are
-bitwise equal.
+draws the same faults (records bitwise equal), and each trial is compared
+with the golden run of the program that computed it. The reference family
+(loop, map, vmap) gives the unbatched trial's bits; the grouped executor is
+the fast path. ``same_bits`` says whether two results are bitwise equal.
 """
 
 from jaxfi._src.executors import (
