@@ -8,9 +8,17 @@ and evaluating --eval_size test images.
     python experiments/resilience.py --workdir=runs/study    (or: jaxfi-resilience --workdir=...)
 
 trains mlp, lenet5 and resnet8 on the embedded mnist5k (cached in
-WORKDIR/models) and sweeps bit error rates over all weight bits. Running the
-same command again resumes: finished points are read back from their stores
-(WORKDIR/campaigns/resilience/...) and an interrupted one continues.
+WORKDIR/models) and sweeps bit error rates over all weight bits. Each point
+runs --trials trials, then more until the 95% Student-t interval of its
+top-1 error over trials is at most --half_width on either side (or
+--max_trials ran; ``jaxfi.study.Target``). This stopping is sequential
+(optional stopping), so the nominal coverage is slightly optimistic. Running
+the same command again resumes: finished points are read back from their
+stores (WORKDIR/campaigns/resilience/...) and an interrupted one continues.
+
+Several processes or hosts (docs/distributed.md): add --coordinator_address,
+--num_processes and --process_id; process 0 trains the models while the
+others wait, and only process 0 writes the outputs (the same as one process).
 
 Options: --mode=count sweeps exact fault counts (--counts) instead of rates;
 --site=activations|both corrupts the outputs of every Conv, Dense and
@@ -44,8 +52,9 @@ Writes to --workdir, with STEM = resilience-SITE-MODE:
   over trials: *_lo, *_hi) and sdc_trial, due_trial, harm_trial (fractions of
   trials with such an event, 95% Wilson intervals). jaxfi/study/summary.py
   says why the trial is the unit.
-- STEM.json: flags, models (source, accuracy, size), per-point timings and
-  executors, wall time, software versions.
+- STEM.json: flags, models (source, accuracy, size), per point its trials,
+  the trials computed in this run, the executor, seconds and what
+  --executor=auto measured, wall time, software versions.
 - STEM.png: error vs fault rate, and SDC and DUE, one curve per model.
 """
 
