@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import platform
 import time
@@ -208,7 +209,9 @@ class Campaign:
                 if margin is not None and tally.converged(margin, confidence, method):
                     stopped = True
                     break
-                parts.append(self._chunk(session, db, layout, start, stop, left))
+                if not session.started:
+                    session.start(start, left)
+                parts.append(self._chunk(session, db, layout, start, stop))
                 left -= stop - start
                 tally.add(parts[-1])
                 bar.update(stop - start)
@@ -227,7 +230,7 @@ class Campaign:
         return self._runners[key]
 
     def _chunk(self, session: _Session, db: Store | None, layout: Layout,
-               start: int, stop: int, left: int) -> dict[str, np.ndarray]:
+               start: int, stop: int) -> dict[str, np.ndarray]:
         """Compute and store this process's share of trials [start, stop); return all of them."""
         a, b = layout.share(start, stop)
         template = {name: arr for name, arr in self._empty_columns.items() if name != "trial"}
@@ -235,7 +238,7 @@ class Campaign:
         def share() -> dict[str, np.ndarray]:
             if a == b:
                 return template
-            columns = self._columns(session.compute(a, b, trials_left=left), session.golden)
+            columns = self._columns(session.compute(a, b), session.golden)
             if db is not None:
                 db.write_chunk(a, b, columns)
             return columns
@@ -338,13 +341,14 @@ class Campaign:
 
 
 class _Session:
-    """The executor of one ``run``: decided and built on the first chunk, then reused."""
+    """The executor of one ``run``: decided and built before the first chunk, then reused."""
 
     def __init__(self, campaign: Campaign, chosen: exec_lib.Executor, layout: Layout,
                  devices: list[jax.Device], verify: bool, quiet: bool, db: Store | None):
         self._campaign, self._chosen, self._layout = campaign, chosen, layout
         self._devices, self._verify, self._quiet, self._db = devices, verify, quiet, db
         self._runner: exec_lib.Runner | None = None
+        self._unverified = False
         self.timings: pd.DataFrame | None = None
         self.bar: Any = None
 
@@ -356,24 +360,45 @@ class _Session:
     def compile_seconds(self) -> float | None:
         return self._runner.compile_seconds if self._runner is not None else None
 
+    @property
+    def started(self) -> bool:
+        return self._runner is not None
+
     def golden(self, program: int) -> np.ndarray:
         """The golden output of the runner's program ``program``."""
         return self._runner.golden(program)
 
-    def compute(self, start: int, stop: int, trials_left: int) -> Computed:
-        if self._runner is None:
-            chosen = self._decide(start, trials_left)
-            self._runner = self._campaign._runner(chosen, self._layout.width(), self._devices)
-            out = self._runner(start, stop)
-            if self._verify and isinstance(chosen, (exec_lib.VmapExecutor, exec_lib.MapExecutor)):
-                exec_lib.verify(self._runner.name, out, self._campaign._trials, start, stop)
-            self.bar.set_postfix(executor=self._runner.name)
-            return out
-        return self._runner(start, stop)
+    def start(self, start: int, trials_left: int) -> None:
+        """Decide the executor and build its runner. Every process calls this
+        before the first chunk: process 0 decides, the others follow."""
+        decided: exec_lib.Executor | None = None
+        message = {}
+        if self._layout.index == 0:
+            try:
+                decided = self._decide(start, trials_left)
+                message = exec_lib.spec(decided)
+            except ValueError as err:
+                message = {"error": str(err)}
+        message = json.loads(self._layout.first(json.dumps(message)))
+        if "error" in message:
+            raise ValueError(message["error"])
+        chosen = decided or (self._chosen if exec_lib.spec(self._chosen) == message else exec_lib.from_spec(message))
+        self._runner = self._campaign._runner(chosen, self._layout.width(), self._devices)
+        self._unverified = self._verify and isinstance(chosen, (exec_lib.VmapExecutor, exec_lib.MapExecutor))
+        if self._db is not None and self._layout.index == 0:
+            self._db.record("executor", message)
+        self.bar.set_postfix(executor=self._runner.name)
+
+    def compute(self, start: int, stop: int) -> Computed:
+        out = self._runner(start, stop)
+        if self._unverified:
+            exec_lib.verify(self._runner.name, out, self._campaign._trials, start, stop)
+            self._unverified = False
+        return out
 
     def _decide(self, start: int, trials_left: int) -> exec_lib.Executor:
         """The executor: the one the store recorded, else auto's decision (made
-        once per campaign), else the one asked for; recorded in the store."""
+        once per campaign), else the one asked for."""
         campaign, db = self._campaign, self._db
         recorded = db.recorded("executor") if db is not None else None
         auto = isinstance(self._chosen, exec_lib.AutoExecutor)
@@ -387,30 +412,19 @@ class _Session:
             if chosen is None:
                 raise ValueError(f"store {db.path} was computed by the custom executor "
                                  f"{recorded.get('name')!r}: pass that executor object to resume it")
-        elif auto:
-            if campaign._decided is None:
-                campaign._decided, campaign._decision_table = self._auto(start, trials_left)
-            chosen = campaign._decided
-            self.timings = campaign._decision_table
-        else:
-            chosen = self._chosen
-        if db is not None and self._layout.index == 0:
-            db.record("executor", exec_lib.spec(chosen))
-        return chosen
-
-    def _auto(self, start: int, trials_left: int) -> tuple[exec_lib.Executor, pd.DataFrame]:
-        """Auto's probe (process 0 decides for every process)."""
-        auto: exec_lib.AutoExecutor = self._chosen
-        chosen, runner, table = exec_lib.choose(auto, self._campaign._trials, self._layout.width(),
-                                                self._devices, start, trials_left)
-        if runner is not None:
-            self._campaign._runners.setdefault(_runner_key(chosen, self._layout.width(), self._devices), runner)
-        options = [exec_lib.LoopExecutor(), *auto.candidates]
-        index = self._layout.decide(next(i for i, o in enumerate(options)
-                                         if exec_lib.spec(o) == exec_lib.spec(chosen)))
-        if not self._quiet:
-            self.bar.write(f"executor auto chose {options[index].name!r}:\n" + table.to_string(index=False))
-        return options[index], table
+            return chosen
+        if not auto:
+            return self._chosen
+        if campaign._decided is None:
+            chosen, runner, table = exec_lib.choose(self._chosen, campaign._trials, self._layout.width(),
+                                                    self._devices, start, trials_left)
+            if runner is not None:
+                campaign._runners.setdefault(_runner_key(chosen, self._layout.width(), self._devices), runner)
+            campaign._decided, campaign._decision_table = chosen, table
+            if not self._quiet:
+                self.bar.write(f"executor auto chose {chosen.name!r}:\n" + table.to_string(index=False))
+        self.timings = campaign._decision_table
+        return campaign._decided
 
 
 def _runner_key(chosen: exec_lib.Executor, width: int, devices: Sequence[jax.Device]) -> tuple[Any, ...]:
@@ -460,8 +474,9 @@ class Result:
     ``executor`` names the executor used (the choice of "auto"), ``timings``
     what auto measured, ``stopped_early`` whether the margin was met before
     the trial budget, ``compile_seconds`` what the executor has spent
-    compiling for this campaign so far (None when nothing was computed). A Result whose table has truncated (``overflow``)
-    trials warns when it is made, and ``summary`` counts them per row.
+    compiling for this campaign so far (None when nothing was computed). A
+    Result whose table has truncated (``overflow``) trials warns when it is
+    made, and ``summary`` counts them per row.
     """
 
     table: pd.DataFrame

@@ -174,11 +174,14 @@ class Layout:
         raise ValueError(f"processes disagree on {what} (process 0 -> process p):\n"
                          + "\n".join(lines) + hint)
 
-    def decide(self, choice: int) -> int:
-        """Process 0's ``choice`` (an index), on every process."""
+    def first(self, text: str) -> str:
+        """Process 0's ``text``, on every process (all of them must call this)."""
         if self.processes == 1:
-            return choice
-        return int(_allgather(np.asarray([choice], np.int64))[0][0])
+            return text
+        data = np.frombuffer(text.encode(), np.uint8)
+        lengths = _allgather(np.asarray([data.size], np.int64))
+        padded = _allgather(np.pad(data, (0, int(lengths.max()) - data.size)))
+        return bytes(np.asarray(padded[0])[:int(lengths[0][0])]).decode()
 
     def gather(self, compute: Callable[[], Columns], template: Columns,
                start: int, stop: int) -> Columns:
