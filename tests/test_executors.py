@@ -26,7 +26,7 @@ from jax import lax
 import jaxfi
 from jaxfi._src import executors as ex
 from jaxfi._src.batching import batch_invariant
-from jaxfi._src.trial import restricted
+from jaxfi._src.trial import restricted, trial_function
 
 TRIALS = 70  # not a multiple of 64 or 7: the last chunk is padded
 
@@ -49,7 +49,7 @@ def make_trials() -> ex.Trials:
     x = jax.random.normal(k[4], (16, 6, 6, 1))
     plans = (jaxfi.Plan(jaxfi.Params(), jaxfi.BitFlip(), ber=1e-3),
              jaxfi.Plan(jaxfi.Inputs(), jaxfi.BitFlip(bits="mantissa")))
-    return ex.Trials(ex.trial_function(jaxfi.faulty(cnn, *plans)), jax.random.key(7), params, x,
+    return ex.Trials(trial_function(jaxfi.faulty(cnn, *plans)), jax.random.key(7), params, x,
                      cnn, plans)
 
 
@@ -114,7 +114,7 @@ def test_grouped_draws_the_reference_faults_and_stays_close(reference, grouped):
 
 def test_trial_without_a_fault_equals_its_programs_golden(trials):
     plan = jaxfi.Plan(jaxfi.Params(), jaxfi.BitFlip(), count=0)
-    quiet = ex.Trials(ex.trial_function(jaxfi.faulty(cnn, plan)), trials.base_key, trials.params,
+    quiet = ex.Trials(trial_function(jaxfi.faulty(cnn, plan)), trials.base_key, trials.params,
                       trials.inputs, cnn, (plan,))
     runner = ex.GroupedExecutor(4).build(quiet, 8, jax.local_devices())
     out = runner(0, 8)
@@ -126,7 +126,7 @@ def test_grouped_evaluates_faulted_layers_incrementally(trials):
     """One weight flip per trial: the matmul and convolution groups add the
     changed weights' terms to golden results instead of recomputing."""
     plan = jaxfi.Plan(jaxfi.Params(), jaxfi.BitFlip(), count=1)
-    single = ex.Trials(ex.trial_function(jaxfi.faulty(cnn, plan)), trials.base_key, trials.params,
+    single = ex.Trials(trial_function(jaxfi.faulty(cnn, plan)), trials.base_key, trials.params,
                        trials.inputs, cnn, (plan,))
     runner = ex.GroupedExecutor(4).build(single, 32, jax.local_devices())
     out = runner(0, 32)
@@ -252,11 +252,16 @@ def test_auto_skips_candidates_that_would_not_pay_off(trials):
         return cnn(params, x) * 2.0
 
     plan = jaxfi.Plan(jaxfi.Params(), count=1)
-    few = ex.Trials(ex.trial_function(jaxfi.faulty(fresh, plan)), trials.base_key, trials.params,
+    few = ex.Trials(trial_function(jaxfi.faulty(fresh, plan)), trials.base_key, trials.params,
                     trials.inputs, fresh, (plan,))
     chosen, runner, table = ex.choose(ex.AutoExecutor(), few, 8, jax.local_devices(), 0, 3)
     assert runner.name == "loop" and isinstance(chosen, ex.LoopExecutor)
     assert not table.set_index("executor").loc[ex.GroupedExecutor().name, "usable"]
+    # Planning for a long sequential study, the same probe times grouped too.
+    _, _, table = ex.choose(ex.AutoExecutor(horizon=10**7), few, 8, jax.local_devices(), 0, 3)
+    assert table.set_index("executor").loc[ex.GroupedExecutor().name, "usable"]
+    with pytest.raises(ValueError, match="horizon must be a positive int"):
+        ex.AutoExecutor(horizon=0)
 
 
 def test_executor_names_and_errors():

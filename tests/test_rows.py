@@ -13,7 +13,7 @@ import jaxfi
 from jaxfi._src import executors as ex
 from jaxfi._src.inject import apply_rows, apply_site, sample_faults
 from jaxfi._src.rows import RowProgram, put_rows, row_sites, take_rows
-from jaxfi._src.trial import restricted, sites_of
+from jaxfi._src.trial import restricted, sites_of, trial_function
 
 BATCH = 16
 
@@ -166,7 +166,7 @@ def test_grouped_executor_with_activation_faults(setup):
     """Activation faults: row-sliced programs, reproducible across group widths."""
     params, x = setup
     plan = jaxfi.Plan(jaxfi.Activations(), jaxfi.BitFlip(bits="mantissa"), count=2)
-    trials = ex.Trials(ex.trial_function(jaxfi.faulty(convnet, plan)), jax.random.key(9), params, x,
+    trials = ex.Trials(trial_function(jaxfi.faulty(convnet, plan)), jax.random.key(9), params, x,
                        convnet, (plan,))
     runner = ex.GroupedExecutor(4).build(trials, 32, jax.local_devices())
     out = runner(0, 32)
@@ -180,7 +180,7 @@ def test_grouped_executor_with_faults_on_sites_without_a_batch_axis(setup):
     params, x = setup
     plans = (jaxfi.Plan(jaxfi.Activations("conv_general_dilated"), jaxfi.BitFlip(bits="mantissa"), count=1),
              jaxfi.Plan(jaxfi.Activations("^reshape:0$"), jaxfi.BitFlip(bits="mantissa"), count=1))
-    trials = ex.Trials(ex.trial_function(jaxfi.faulty(convnet, *plans)), jax.random.key(4), params, x,
+    trials = ex.Trials(trial_function(jaxfi.faulty(convnet, *plans)), jax.random.key(4), params, x,
                        convnet, plans)
     runner = ex.GroupedExecutor(4).build(trials, 16, jax.local_devices())
     assert all(wide for _, wide in runner.keys(np.arange(16)))

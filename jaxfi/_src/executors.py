@@ -29,6 +29,7 @@ and inputs are always jit arguments, never constants baked into the program.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxfi._src.batching import batch_invariant
-from jaxfi._src.grouped import GroupedExecutor
+from jaxfi._src.grouped import GroupedExecutor, GroupedRunner
 from jaxfi._src.trial import REFERENCE, Computed, Outputs, Trials, same_bits
 
 TRIAL_AXIS = "trials"
@@ -203,19 +204,24 @@ class AutoExecutor:
         the reference) and chosen when nothing else is faster.
       probe: trials the loop is timed on.
       sample: trials a candidate is timed on (twice: compiling, then running).
+      horizon: trials the decision plans for (e.g. the most a sequential
+        study may run); None: the trials left in the run that decides.
     """
 
     candidates: tuple[Any, ...] = ("grouped", "loop")
     probe: int = 8
     sample: int = 128
+    horizon: int | None = None
     name = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "candidates", tuple(executor(c) for c in self.candidates))
         if not self.candidates or any(isinstance(c, AutoExecutor) for c in self.candidates):
             raise ValueError("AutoExecutor needs one or more candidates, none of them 'auto'")
-        for name in ("probe", "sample"):
+        for name in ("probe", "sample", "horizon"):
             value = getattr(self, name)
+            if name == "horizon" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"AutoExecutor {name} must be a positive int, got {value!r}")
 
@@ -284,18 +290,21 @@ def choose(auto: AutoExecutor, trials: Trials, chunk_size: int, devices: Sequenc
            start: int, remaining: int) -> tuple[Executor, Runner | None, pd.DataFrame]:
     """Pick the candidate that finishes ``remaining`` trials from ``start`` soonest.
 
-    The loop's cost is ``trials.costs`` (the golden forward's compile and run
+    ``remaining`` is replaced by ``auto.horizon`` when that is set. The
+    loop's cost is ``trials.costs`` (the golden forward's compile and run
     seconds, which the loop's per-trial program matches closely) when given,
-    else it is compiled and timed on ``auto.probe`` trials. A candidate is
-    skipped when the loop would finish all remaining trials before the
-    candidate compiled (estimated as one loop compile per program it needs);
-    otherwise it runs ``auto.sample`` trials twice, compiling then running,
-    and the second run gives its rate. Reference-family candidates (vmap,
+    else it is compiled and timed on ``auto.probe`` trials. A grouped
+    candidate first compiles the program of its most common group in a
+    sample of ``auto.sample`` trials; it is skipped when the loop would finish
+    before the candidate compiled the programs that sample needs (that
+    measured compile times their number). Otherwise it runs the sample twice,
+    compiling then running, and the second run gives its rate. Reference-family candidates (vmap,
     map) must also give the loop's bits. The choice is the least estimated
     time to finish from here (compiles already paid are not counted); the
     table (executor, trials_per_s, compile_s, estimate_s, usable, chosen)
     says why. The runner returned is None when the loop, not yet built, wins.
     """
+    remaining = auto.horizon or remaining
     probe = min(auto.probe, max(1, remaining))
     loop: Runner | None = None
     if trials.costs is not None:
@@ -312,8 +321,7 @@ def choose(auto: AutoExecutor, trials: Trials, chunk_size: int, devices: Sequenc
         if isinstance(candidate, LoopExecutor):
             continue
         runner = candidate.build(trials, chunk_size, devices)
-        programs = len(set(runner.keys(np.arange(start, start + sample)))) if hasattr(runner, "keys") else 1
-        if loop_estimate < programs * loop_compile:
+        if _compile_estimate(runner, start, sample, loop_compile) > loop_estimate:
             rows.append(_row(runner.name, float("nan"), float("nan"), float("inf"), False))
             continue
         compile_s = runner.compile_seconds + _timed(runner, start, start + sample)
@@ -331,6 +339,20 @@ def choose(auto: AutoExecutor, trials: Trials, chunk_size: int, devices: Sequenc
     best, runner = runners[name]
     table["chosen"] = table["executor"] == name
     return best, runner, table
+
+
+def _compile_estimate(runner: Runner, start: int, sample: int, loop_compile: float) -> float:
+    """Seconds ``runner`` would spend compiling for trials [start, start + sample):
+    for a grouped runner, its measured compile of the most common group's
+    program times the number of groups; else one loop compile."""
+    if not isinstance(runner, GroupedRunner):
+        return loop_compile
+    keys = runner.keys(np.arange(start, start + sample))
+    common = collections.Counter(keys).most_common(1)[0][0]
+    first = start + keys.index(common)
+    before = runner.compile_seconds
+    runner(first, first + 1)
+    return len(set(keys)) * (runner.compile_seconds - before)
 
 
 def _timed(runner: Runner, start: int, stop: int) -> float:
