@@ -191,8 +191,10 @@ class RowProgram:
     the program stays row-local (see the module doc).
 
     ``golden(params, inputs)`` returns the values trials read (compute it
-    once); ``trial(key, params, golden) -> (output, records)`` equals
-    ``faulty(fn, *plans, only=only)(key, params, inputs)``.
+    once); ``trial(key, params, golden) -> (output, records)`` draws the
+    records of ``trial.restricted(fn, plans, only)(key, params, inputs)`` bit
+    for bit, with outputs equal to it up to rounding (other kernels for a few
+    rows, the incremental layers' corrections).
     """
 
     def __init__(self, fn: Callable[[Any, Any], Any], params: Any, inputs: Any,
