@@ -12,7 +12,7 @@ import safetensors.numpy
 from jaxfi import models
 from jaxfi.models import convert, layers
 
-SMALL = ("mlp", "lenet5", "resnet8", "resnet20")
+SMALL = ("mlp", "cnn", "lenet5", "resnet8", "resnet20")
 # Parameter counts of torchvision's models (1000 classes).
 TORCHVISION_PARAMS = {
     "alexnet": 61_100_840,
@@ -31,6 +31,16 @@ def _abstract_init(model, shape):
 
 def test_registry_lists_every_model():
     assert set(models.MODELS) == set(SMALL) | set(TORCHVISION_PARAMS)
+
+
+def test_cnn_is_the_108k_benchmark_model():
+    """Two unpadded 3x3 convolutions (16, 32) with 2x2 pooling, dense 128, dense 10."""
+    params = _abstract_init(models.get_model("cnn"), (28, 28, 1))["params"]
+    sizes = {path: int(np.prod(x.shape)) for path, x in
+             ((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0])}
+    assert sum(sizes.values()) == 108_618
+    assert params["fc1"]["kernel"].shape == (800, 128)
+    assert 0.94 < sizes["['fc1']['kernel']"] / 108_618 < 0.95
 
 
 def test_unknown_model_names_the_known_ones():
