@@ -211,42 +211,42 @@ def test_take_and_put_rows_keep_signalling_nans():
     assert np.asarray(back).view(np.uint16).tolist() == [raw[0].tolist(), [0, 0], raw[2].tolist()]
 
 
+def _incremental(params, x, plan, corrected: str, seed: int) -> RowProgram:
+    """A one-site RowProgram of ``plan``: it corrects ``corrected`` incrementally,
+    draws the plain trial's records bit for bit and stays within float rounding
+    of its outputs (non-finite exactly where they are) over eight trials."""
+    pops = [plan.population(tuple(sites_of(convnet, plan, params, x)))]
+    program = RowProgram(convnet, params, x, (plan,), pops, (frozenset({0}),))
+    assert program.corrected == (corrected,)
+    golden = program.golden(params, x)
+    reference = jax.jit(jaxfi.faulty(convnet, plan))
+    trial = jax.jit(program.trial)
+    for i in range(8):
+        key = jax.random.fold_in(jax.random.key(seed), i)
+        (out, records), (expected, expected_records) = trial(key, params, golden), reference(key, params, x)
+        assert ex.same_bits(records, expected_records)
+        finite = np.isfinite(expected)
+        assert (np.isfinite(out) == finite).all()
+        np.testing.assert_allclose(out[finite], expected[finite], rtol=1e-4, atol=1e-4)  # float32 ulps
+    return program
+
+
 def test_incremental_dense_layers_add_the_changed_weights_terms(setup):
     """A faulted dense weight is applied as a correction to the golden product:
     no matmul with the faulty weight, and results within float rounding."""
     params, x = setup
     plan = jaxfi.Plan(jaxfi.Params("w$"), jaxfi.BitFlip(bits="mantissa"), count=2)
+    program = _incremental(params, x, plan, "dot_general", 11)
+    assert _batches(program, params, program.golden(params, x), "dot_general") == []
     pops = [plan.population(tuple(sites_of(convnet, plan, params, x)))]
-    program = RowProgram(convnet, params, x, (plan,), pops, (frozenset({0}),))
-    assert program.corrected == ("dot_general",)
-    golden = program.golden(params, x)
-    assert _batches(program, params, golden, "dot_general") == []
-    reference = jax.jit(jaxfi.faulty(convnet, plan))
-    trial = jax.jit(program.trial)
-    for i in range(8):
-        key = jax.random.fold_in(jax.random.key(11), i)
-        (out, records), (expected, expected_records) = trial(key, params, golden), reference(key, params, x)
-        assert ex.same_bits(records, expected_records)
-        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)  # a few float32 ulps of the logits
     recomputing = RowProgram(convnet, params, x, (plan,), pops, (frozenset({0}),), incremental=False)
     assert recomputing.corrected == ()
 
 
 def test_incremental_convolutions_add_the_changed_kernel_elements(setup):
     """A faulted kernel element changes one output channel: the correction is a
-    one-channel convolution added to the golden result."""
+    one-channel convolution added to the golden result (exponent flips: some
+    trials overflow to inf, which must stay non-finite)."""
     params, x = setup
-    plan = jaxfi.Plan(jaxfi.Params("^conv$"), jaxfi.BitFlip(bits="exponent"), count=3)
-    pops = [plan.population(tuple(sites_of(convnet, plan, params, x)))]
-    program = RowProgram(convnet, params, x, (plan,), pops, (frozenset({0}),))
-    assert program.corrected == ("conv_general_dilated",)
-    golden = program.golden(params, x)
-    reference = jax.jit(jaxfi.faulty(convnet, plan))
-    trial = jax.jit(program.trial)
-    for i in range(8):
-        key = jax.random.fold_in(jax.random.key(12), i)
-        (out, records), (expected, expected_records) = trial(key, params, golden), reference(key, params, x)
-        assert ex.same_bits(records, expected_records)
-        finite = np.isfinite(expected)
-        assert (np.isfinite(out) == finite).all()
-        np.testing.assert_allclose(out[finite], expected[finite], rtol=1e-4, atol=1e-4)
+    _incremental(params, x, jaxfi.Plan(jaxfi.Params("^conv$"), jaxfi.BitFlip(bits="exponent"), count=3),
+                 "conv_general_dilated", 12)
