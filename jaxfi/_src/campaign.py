@@ -100,13 +100,7 @@ class Campaign:
         forward = jax.jit(apply_fn)
         began = time.perf_counter()
         self.golden = outcomes_lib.golden(forward(params, inputs), self.labels)
-        compiled = time.perf_counter()
-        runs = []
-        for _ in range(3):  # the first runs after a compile are slow: keep the fastest
-            began_run = time.perf_counter()
-            jax.block_until_ready(forward(params, inputs))
-            runs.append(time.perf_counter() - began_run)
-        costs = (compiled - began, min(runs))
+        compile_seconds = time.perf_counter() - began
         self.sites: tuple[tuple[Site, ...], ...] = tuple(
             tuple(sites_of(apply_fn, plan, params, inputs)) for plan in self.plans)
         self._outcome_fns = tuple(outcomes)
@@ -114,7 +108,7 @@ class Campaign:
         self._custom = outcomes_lib.custom_names(self._outcome_fns, self.golden, builtin)
         self.outcome_names: tuple[str, ...] = builtin + tuple(self._custom)
         self._trials = Trials(trial_function(faulty(apply_fn, *self.plans)),
-                              jax.random.key(self.seed), params, inputs, apply_fn, self.plans, costs)
+                              jax.random.key(self.seed), params, inputs, apply_fn, self.plans, compile_seconds)
         # Built once per campaign, reused by every later run() and resume.
         self._runners: dict[tuple[Any, ...], exec_lib.Runner] = {}
         self._decided: exec_lib.Executor | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -182,9 +183,9 @@ class Trials:
 
     ``fn(base_key, index, params, inputs) -> (output, records)``; trial ``i``
     uses ``trial_key(base_key, i)``. ``apply_fn`` and ``plans`` (what ``fn``
-    was built from) let executors specialise trials; ``costs`` (seconds to
-    compile and to run the golden forward) lets "auto" estimate the loop
-    without building it.
+    was built from) let executors specialise trials; ``compile_seconds``
+    (of the golden forward, measured where it was first compiled) and
+    ``costs`` let "auto" estimate the loop without building it.
     """
 
     fn: Callable[..., Any]
@@ -193,7 +194,7 @@ class Trials:
     inputs: Any
     apply_fn: Callable[..., Any] | None = None
     plans: tuple[Plan, ...] | None = None
-    costs: tuple[float, float] | None = None
+    compile_seconds: float | None = None
 
     @functools.cached_property
     def single(self) -> Callable[..., Any]:
@@ -203,6 +204,23 @@ class Trials:
     def replay(self, index: int) -> Outputs:
         """Trial ``index`` alone, on the default device, as numpy arrays."""
         return jax.device_get(self.single(self.base_key, np.int32(index), self.params, self.inputs))
+
+    @functools.cached_property
+    def costs(self) -> tuple[float, float] | None:
+        """(compile, run) seconds of the golden forward, or None without them.
+
+        Timed on first use only (by "auto"), not for every campaign: the
+        fastest of three runs, since the first runs after a compile are slow.
+        """
+        if self.compile_seconds is None or self.apply_fn is None:
+            return None
+        forward = jax.jit(self.apply_fn)
+        runs = []
+        for _ in range(3):
+            began = time.perf_counter()
+            jax.block_until_ready(forward(self.params, self.inputs))
+            runs.append(time.perf_counter() - began)
+        return self.compile_seconds, min(runs)
 
     @functools.cached_property
     def golden(self) -> np.ndarray:
