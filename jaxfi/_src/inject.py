@@ -226,12 +226,21 @@ def apply_site(key: jax.Array, values: jax.Array, site: int, faults: Faults,
                pop: Population) -> tuple[jax.Array, SiteFaults]:
     """Corrupt ``values`` (the array of population site ``site``) with its faults."""
     spec = pop.sites[site]
-    if tuple(values.shape) != spec.shape or values.dtype != spec.dtype:
+    permanent = pop.plan.permanent
+    shape = tuple(values.shape[1:]) if permanent and values.ndim else tuple(values.shape)
+    if shape != spec.shape or values.dtype != spec.dtype:
+        expected = f"[batch, {', '.join(map(str, spec.shape))}]" if permanent else list(spec.shape)
         raise ValueError(
-            f"site {spec.name}: expected {spec.dtype.name}{list(spec.shape)}, "
+            f"site {spec.name}: expected {spec.dtype.name}{expected}, "
             f"got {values.dtype}{list(values.shape)}")
-    flat, fields = _apply_flat(key, values.reshape(-1), faults.index, site, faults, pop)
-    return flat.reshape(values.shape), fields
+    if not permanent:
+        flat, fields = _apply_flat(key, values.reshape(-1), faults.index, site, faults, pop)
+        return flat.reshape(values.shape), fields
+    # The same faults (and the same random draws, the key being shared) on
+    # every row; the record keeps the first row's values.
+    rows, fields = jax.vmap(lambda row: _apply_flat(key, row, faults.index, site, faults, pop))(
+        values.reshape(values.shape[0], -1))
+    return rows.reshape(values.shape), SiteFaults(*(f[0] for f in fields))
 
 
 def apply_rows(key: jax.Array, rows: jax.Array, row_ids: jax.Array, site: int, faults: Faults,
@@ -240,6 +249,8 @@ def apply_rows(key: jax.Array, rows: jax.Array, row_ids: jax.Array, site: int, f
     ``row_ids[j]`` (along the leading axis). Every fault on the site must lie
     in one of those rows; the record holds the indices in the whole array."""
     spec = pop.sites[site]
+    if pop.plan.permanent:
+        raise ValueError(f"site {spec.name}: a permanent plan hits every row, not some rows")
     if tuple(rows.shape[1:]) != spec.shape[1:] or rows.dtype != spec.dtype:
         raise ValueError(
             f"site {spec.name}: expected rows of {spec.dtype.name}{list(spec.shape[1:])}, "

@@ -46,6 +46,16 @@ class Plan:
     is hit in proportion to its size times its number of allowed bits; for
     other models it is every value of the selected sites. Faults in one trial
     are drawn without replacement.
+
+    ``permanent=True`` (activations and inputs sites only) makes each fault
+    hit the same position in every input of the batch, as a stuck processing
+    element or lane would: the population is then the unit of each site (its
+    shape without the leading batch axis, axis 0), and a fault drawn there is
+    applied to every row of the batch, and of every microbatch. Records give
+    the position in the unit and the values of the first input. A fault model
+    that draws random values or bits makes one draw per fault, shared by all
+    inputs. Params faults are already the same for every input, so a
+    permanent params plan is refused.
     """
 
     sites: Selector
@@ -54,6 +64,7 @@ class Plan:
     ber: float | None = None
     value_rate: float | None = None
     max_faults: int | None = None
+    permanent: bool = False
 
     def __post_init__(self):
         if not isinstance(self.sites, Selector):
@@ -75,6 +86,15 @@ class Plan:
             raise ValueError(
                 f"ber needs a single-bit fault model (BitFlip(n=1) or StuckAt(n=1)), got {self.fault!r}")
         self._check_max_faults()
+        self._check_permanent()
+
+    def _check_permanent(self) -> None:
+        if not isinstance(self.permanent, (bool, np.bool_)):
+            raise TypeError(f"permanent must be a bool, got {self.permanent!r}")
+        object.__setattr__(self, "permanent", bool(self.permanent))
+        if self.permanent and self.kind == "params":
+            raise ValueError("permanent=True is for activations and inputs sites: a params "
+                             "fault is already the same for every input, so leave it out")
 
     def _check_max_faults(self) -> None:
         if self.max_faults is None:
@@ -171,6 +191,8 @@ class Population:
 @functools.lru_cache(maxsize=256)
 def _population(plan: Plan, candidates: tuple[Site, ...]) -> Population:
     sites = plan.sites.select(candidates)
+    if plan.permanent:
+        sites = units(sites)
     granularity = plan.granularity
     positions = []
     for site in sites:
@@ -189,6 +211,19 @@ def _population(plan: Plan, candidates: tuple[Site, ...]) -> Population:
         return Population(plan, sites, tuple(positions), weights, plan.count, None)
     cap, thresholds = _binomial_thresholds(total, rate, plan.max_faults)
     return Population(plan, sites, tuple(positions), weights, cap, thresholds)
+
+
+def units(sites: Sequence[Site]) -> tuple[Site, ...]:
+    """Each site's unit: the site without its leading batch axis (axis 0).
+
+    Raises:
+      ValueError: a site is a scalar, so it has no batch axis.
+    """
+    scalars = [s.name for s in sites if not s.shape]
+    if scalars:
+        raise ValueError(f"a permanent plan needs sites with a leading batch axis; {scalars[:5]} "
+                         "are scalars: exclude them (e.g. where=lambda s: len(s.shape) > 0)")
+    return tuple(dataclasses.replace(s, shape=tuple(s.shape[1:])) for s in sites)
 
 
 def _binomial_thresholds(n: int, p: float, cap: int | None) -> tuple[int, np.ndarray]:
