@@ -346,17 +346,16 @@ def _scanned(x):
     return carry.sum() + ys.sum()
 
 
-def test_control_flow_outputs_are_sites_bodies_are_refused():
+def test_control_flow_outputs_and_bodies_are_sites_capture_refuses_bodies():
     x = jnp.ones((3, 4))
     sites = {s.name: s for s in jaxfi.activation_sites(_scanned, x)}
     assert sites["scan:0/jaxpr/tanh:0"].control_flow == "scan"
+    assert sites["scan:0/jaxpr/tanh:0"].shape == (3, 4) and sites["scan:0/jaxpr/tanh:0"].iterations == 3
     assert sites["scan:0.1"].shape == (3, 4) and not sites["scan:0.1"].control_flow
     g = jaxfi.faulty(_scanned, jaxfi.Plan(jaxfi.Activations(name=r"^scan:0\.1$")))
     out, (record,) = jax.jit(g)(jax.random.key(0), x)
     assert int(record.count) == 1 and out.shape == ()
-    with pytest.raises(ValueError, match="inside the body of a scan"):
-        jaxfi.faulty(_scanned, jaxfi.Plan(jaxfi.Activations(name="tanh")))(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="inside the body of a scan"):
+    with pytest.raises(ValueError, match="capture takes values outside scan/while/cond bodies"):
         jaxfi.capture(_scanned, "scan:0/jaxpr/tanh:0")(x)
 
 

@@ -13,16 +13,36 @@ with ``Inputs`` or ``Params`` plans.
 
 By default only floating outputs are candidates; integer temporaries (indices,
 iotas, quantized values) become candidates when a selector asks for an integer
-dtype explicitly. Values inside the bodies of scan/while/cond and other
-higher-order primitives are listed (``control_flow`` says which) but cannot be
-faulted or captured: selecting one is an error. The outputs of those
-primitives are ordinary sites.
+dtype explicitly.
+
+Control flow. Values inside the bodies of ``scan`` (and ``fori_loop`` with
+static bounds, which lowers to it), ``while_loop`` and ``cond``/``switch``
+are sites too, named after the enclosing primitive and body
+(``layers/scan:0/jaxpr/attn/dot_general:0``); ``control_flow`` says which.
+A value inside a loop has the iteration in its identity: its population is
+``(iterations,) + shape`` (nested loops multiply, outer loop slowest), a
+fault hits the one iteration its flat index encodes, and the record's index
+says which (``loop_iteration``; ``sites_table(by_iteration=True)`` names
+iterations ``scan:0[3]``). A permanent plan draws over one iteration's value
+and hits it at every iteration. A ``while_loop`` has no static trip count:
+its iteration is drawn among the first ``iterations`` that the selector
+states (``Activations(..., iterations=N)``; refused without), and a fault on
+an iteration the loop never reaches does not land. Values of every ``cond``
+branch are listed, sized as if their branch ran; a fault on a branch that
+does not run does not land. Neither is ever re-drawn: the record leaves such a
+fault out (not valid, site -1), so the trial counts as fault-free. Bodies of
+remat/checkpoint and custom_jvp/custom_vjp calls are inlined like other calls.
+Values computed in a while loop's condition cannot be faulted, and
+``capture``/``transform`` take values outside control-flow bodies only.
 
 ``run_with_faults`` re-evaluates the program with ``interpret.evaluate``,
 hooks on the selected values corrupting them as they are produced; with
 nothing selected it rebinds the same primitives, so it is bitwise equal to
-``jit(fn)``. Call equations are re-bound whole unless a selected site lies
-inside them, which keeps custom derivatives and remat where nothing is faulted.
+``jit(fn)``. Call and control-flow equations are re-bound whole unless a
+selected site lies inside them, which keeps custom derivatives and remat where
+nothing is faulted; a loop or cond holding one is evaluated as a new
+``lax.scan``/``while_loop``/``switch`` over the interpreted body whose carry
+adds the iteration counter and the record fields.
 """
 
 from __future__ import annotations
@@ -31,6 +51,7 @@ import bisect
 import collections
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,7 +63,15 @@ from jax.extend import source_info_util as siu
 
 from jaxfi._src import bits as bits_lib
 from jaxfi._src import interpret
-from jaxfi._src.inject import Record, SiteFaults, apply_site, assemble_record, live_faults, plan_keys
+from jaxfi._src.inject import (
+    Record,
+    SiteFaults,
+    apply_rows,
+    apply_site,
+    assemble_record,
+    live_faults,
+    plan_keys,
+)
 from jaxfi._src.plan import Plan, Population
 from jaxfi._src.sites import Selector, Site, listing
 
@@ -57,13 +86,28 @@ class ActivationSite(Site):
 
     ``scope`` is the name stack of the producing equation; ``output_of`` lists
     the scopes (module paths) this value leaves, i.e. the modules whose output
-    it is; ``control_flow`` names the higher-order primitive whose body holds
-    the value ("" if none; such sites cannot be faulted).
+    it is; ``control_flow`` names the outermost higher-order primitive whose
+    body holds the value ("" if none). A value inside loop bodies has
+    ``loops`` (the loop equations' names, outermost first) and ``trips``
+    (their trip counts; a while loop's is the selector's ``iterations``
+    bound); unless the plan is permanent its shape is ``(iterations,) +``
+    the value's shape, ``iterations`` being the product of ``trips``.
+    ``conditional``: the value is not computed on every run (a cond branch,
+    a while body), so a fault on it may not land.
     """
 
     scope: str = ""
     output_of: tuple[str, ...] = ()
     control_flow: str = ""
+    loops: tuple[str, ...] = ()
+    trips: tuple[int, ...] = ()
+    iterations: int = 0
+    conditional: bool = False
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        """The shape of the value one evaluation (one iteration) produces."""
+        return self.shape[1:] if self.iterations else self.shape
 
 
 def _within(scope: str, prefix: str) -> bool:
@@ -87,20 +131,190 @@ def _site_dtype(aval: Any) -> np.dtype | None:
     return dtype if dtype in bits_lib.SUPPORTED_DTYPES else None
 
 
-def program_sites(program: interpret.Program) -> tuple[ActivationSite, ...]:
-    """The activation sites of a traced program: its values with a bit format."""
+def program_sites(program: interpret.Program, bound: int | None = None,
+                  per_iteration: bool = False) -> tuple[ActivationSite, ...]:
+    """The activation sites of a traced program: its values with a bit format.
+
+    Args:
+      program: the traced program.
+      bound: the iterations drawn from in while loops (their trip count is
+        not static); None: while bodies get ``trips`` 0 and cannot be faulted.
+      per_iteration: give loop body values their per-iteration shape (for
+        permanent plans, which hit every iteration) instead of
+        ``(iterations,) + shape``.
+    """
     sites = []
     for value in program.values:
         dtype = _site_dtype(value.aval)
-        if dtype is not None:
-            sites.append(ActivationSite("activations", value.name, tuple(value.aval.shape), dtype,
-                                        value.primitive, value.scope, _exits(value), value.control_flow))
+        if dtype is None:
+            continue
+        trips = tuple(loop.trips if loop.trips is not None else (bound or 0) for loop in value.loops)
+        iterations = math.prod(trips) if trips and not per_iteration else 0
+        shape = ((iterations,) if trips and not per_iteration else ()) + tuple(value.aval.shape)
+        sites.append(ActivationSite(
+            "activations", value.name, shape, dtype, value.primitive, value.scope, _exits(value),
+            value.control_flow, tuple(loop.name for loop in value.loops), trips, iterations,
+            value.conditional))
     return tuple(sites)
+
+
+def loop_iteration(site: Site, index: Any) -> np.ndarray:
+    """The loop iteration of flat ``index`` (e.g. a record's) in ``site``; -1 outside loops.
+
+    Nested loops count iterations row-major (outer loop slowest); ``iteration_name``
+    spells them out.
+    """
+    index = np.asarray(index, np.int64)
+    if not getattr(site, "iterations", 0):
+        return np.full(index.shape, -1, np.int64)
+    return index // max(1, math.prod(site.shape[1:]))
+
+
+def iteration_name(site: ActivationSite, iteration: int) -> str:
+    """The site's name at one loop iteration: ``layers/scan:0[3]/jaxpr/...``."""
+    if not site.loops:
+        return site.name
+    counters = np.unravel_index(int(iteration), site.trips)
+    name = site.name
+    for loop, k in sorted(zip(site.loops, counters), key=lambda lk: -len(lk[0])):
+        name = name.replace(loop + "/", f"{loop}[{k}]/", 1)
+    return name
 
 
 def _touches(span: tuple[int, int], touched: list[int]) -> bool:
     i = bisect.bisect_left(touched, span[0])
     return i < len(touched) and touched[i] < span[1]
+
+
+# A hook with state: ``(value, counters, state) -> (value, state)``, where
+# ``counters`` are the enclosing loops' iteration counters (outermost first).
+# The state (a pytree of fixed shape) is carried through loops and branches.
+StatefulHook = Callable[[jax.Array, tuple[jax.Array, ...], Any], tuple[jax.Array, Any]]
+
+
+class _Evaluation:
+    """An evaluation with stateful hooks on value ids, inside loops and branches too.
+
+    A scan, while or cond whose bodies hold a hooked value is evaluated as a
+    new ``lax.scan``/``while_loop``/``switch`` over the interpreted body, its
+    carry extended by the iteration counter and the hooks' states; others are
+    bound whole, as are calls without hooked values.
+    """
+
+    def __init__(self, hooks: Mapping[int, Sequence[tuple[int, StatefulHook]]], states: dict[int, Any],
+                 counters: tuple[jax.Array, ...] = ()):
+        self.hooks, self.states, self.counters = hooks, states, counters
+        self.touched = sorted(hooks)
+
+    def rules(self) -> interpret.Rules:
+        return interpret.Rules(descend=lambda node: _touches(node.span, self.touched),
+                               after=self.after, control=self.control)
+
+    def after(self, ids: tuple[int | None, ...], outs: list[Any]) -> list[Any]:
+        return [self._hooked(i, x) for i, x in zip(ids, outs)]
+
+    def _hooked(self, i: int | None, value: Any) -> Any:
+        if i not in self.hooks:
+            return value
+        with jax.named_scope(OWN_SCOPE):
+            for key, hook in self.hooks[i]:
+                value, self.states[key] = hook(value, self.counters, self.states[key])
+        return value
+
+    def _inside(self, node: interpret.Node) -> dict[int, Any]:
+        """The states of the hooks on values inside ``node``."""
+        lo, hi = node.span
+        keys = {key for i in self.touched if lo <= i < hi for key, _ in self.hooks[i]}
+        return {k: self.states[k] for k in sorted(keys)}
+
+    def _body(self, graph: interpret.Graph, args: Sequence[Any], counters: tuple[jax.Array, ...],
+              states: dict[int, Any]) -> tuple[list[Any], dict[int, Any]]:
+        inner = _Evaluation(self.hooks, {**self.states, **states}, counters)
+        outs = interpret.evaluate(graph, args, inner.rules())
+        return outs, {k: inner.states[k] for k in states}
+
+    def control(self, node: interpret.Node, args: list[Any]) -> list[Any]:
+        rule = {"scan": self._scan, "while": self._while, "cond": self._cond}.get(node.eqn.primitive.name)
+        if rule is None:
+            raise ValueError(f"values inside a {node.eqn.primitive.name} body cannot be hooked; "
+                             "only scan, while (fori_loop) and cond (switch) bodies can")
+        return rule(node, args)
+
+    def _scan(self, node: interpret.Node, args: list[Any]) -> list[Any]:
+        p = node.eqn.params
+        consts, n_carry = args[:p["num_consts"]], p["num_carry"]
+        init, xs = args[p["num_consts"]:p["num_consts"] + n_carry], args[p["num_consts"] + n_carry:]
+        step = -1 if p["reverse"] else 1
+
+        def body(carry, x):
+            # The counter is the position along the scanned axis (xs[t]).
+            t, states, inner = carry
+            outs, states = self._body(node.inner["jaxpr"], [*consts, *inner, *x], self.counters + (t,), states)
+            return (t + step, states, outs[:n_carry]), outs[n_carry:]
+
+        start = jnp.asarray(p["length"] - 1 if p["reverse"] else 0, jnp.int32)
+        (_, states, carry), ys = jax.lax.scan(body, (start, self._inside(node), list(init)), list(xs),
+                                              length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+        self.states.update(states)
+        return [*carry, *ys]
+
+    def _while(self, node: interpret.Node, args: list[Any]) -> list[Any]:
+        p = node.eqn.params
+        n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
+        cond_consts, body_consts, init = args[:n_cond], args[n_cond:n_cond + n_body], args[n_cond + n_body:]
+        lo, hi = node.span
+        test = node.inner["cond_jaxpr"]
+        if any(lo <= i < hi for i in self.touched) and _holds_hooked(test, self.touched):
+            raise ValueError("values computed in a while loop's condition cannot be faulted; "
+                             "fault its body's values instead")
+
+        def cond(carry):
+            return interpret.evaluate(test, [*cond_consts, *carry[2]])[0]
+
+        def body(carry):
+            t, states, inner = carry
+            outs, states = self._body(node.inner["body_jaxpr"], [*body_consts, *inner], self.counters + (t,),
+                                      states)
+            return t + 1, states, outs
+
+        _, states, out = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), self._inside(node),
+                                                          list(init)))
+        self.states.update(states)
+        return list(out)
+
+    def _cond(self, node: interpret.Node, args: list[Any]) -> list[Any]:
+        index, operands = args[0], args[1:]
+        graphs = [node.inner[f"branches{k}"] for k in range(len(node.eqn.params["branches"]))]
+
+        def branch(graph: interpret.Graph) -> Callable[..., Any]:
+            def run(states, ops):
+                outs, states = self._body(graph, ops, self.counters, states)
+                return states, outs
+            return run
+
+        states, out = jax.lax.switch(index, [branch(g) for g in graphs], self._inside(node), list(operands))
+        self.states.update(states)
+        return list(out)
+
+
+def _holds_hooked(graph: interpret.Graph, touched: Sequence[int]) -> bool:
+    ids = {i for node in graph.nodes for i in range(*node.span)}
+    return any(i in ids for i in touched)
+
+
+def evaluate_hooked(program: interpret.Program, arrays: Sequence[Any],
+                    hooks: Mapping[int, Sequence[tuple[int, StatefulHook]]],
+                    states: dict[int, Any]) -> tuple[Any, dict[int, Any]]:
+    """Evaluate ``program`` with stateful hooks on value ids (also inside
+    scan, while and cond bodies); the output pytree and the final states.
+
+    ``hooks[id]`` lists ``(state key, hook)`` pairs applied in order when
+    value ``id`` is produced, in jaxfi's own name scope; ``states`` holds
+    each key's initial state.
+    """
+    run = _Evaluation(hooks, dict(states))
+    out = interpret.run(program, arrays, run.rules())
+    return out, run.states
 
 
 def run_hooked(program: interpret.Program, arrays: Sequence[Any],
@@ -111,22 +325,11 @@ def run_hooked(program: interpret.Program, arrays: Sequence[Any],
     Call equations are bound whole unless a hooked value lies inside them,
     which keeps custom derivatives and remat where nothing is hooked.
     """
-    touched = sorted(hooks)
+    def stateless(hook: Callable[[jax.Array], jax.Array]) -> StatefulHook:
+        return lambda value, counters, state: (hook(value), state)
 
-    def after(ids: tuple[int | None, ...], outs: list[Any]) -> list[Any]:
-        return [_apply_hooks(hooks.get(i, ()), x) for i, x in zip(ids, outs)]
-
-    rules = interpret.Rules(descend=lambda node: _touches(node.span, touched), after=after)
-    return interpret.run(program, arrays, rules)
-
-
-def _apply_hooks(hooks: Sequence[Callable], value: Any) -> Any:
-    if not hooks:
-        return value
-    with jax.named_scope(OWN_SCOPE):
-        for hook in hooks:
-            value = hook(value)
-    return value
+    stateful = {i: [(0, stateless(h)) for h in hs] for i, hs in hooks.items()}
+    return evaluate_hooked(program, arrays, stateful, {0: ()})[0]
 
 
 # ----------------------------------------------------------------------------
@@ -141,7 +344,9 @@ def _asks_integers(selector: Selector) -> bool:
     return any(jnp.issubdtype(np.dtype(d), jnp.integer) for d in dtypes)
 
 
-def _candidates(sites: Sequence[ActivationSite], selector: Selector) -> tuple[ActivationSite, ...]:
+def _candidates(program: interpret.Program, selector: Selector,
+                permanent: bool = False) -> tuple[ActivationSite, ...]:
+    sites = program_sites(program, getattr(selector, "iterations", None), permanent)
     integers = _asks_integers(selector)
     return tuple(s for s in sites if integers or s.format.is_float)
 
@@ -154,41 +359,94 @@ def refuse_control_flow(chosen: Sequence[ActivationSite], what: str) -> None:
         more = f" and {len(inside) - 5} more" if len(inside) > 5 else ""
         raise ValueError(
             f"{what} selects {names}{more}, inside the body of a {inside[0].control_flow}; "
-            "values inside scan/while/cond (and other higher-order primitive) bodies "
-            "cannot be faulted or captured. Select the outputs of that primitive instead, "
-            "or exclude body values with where=lambda s: not s.control_flow")
+            f"{what} takes values outside scan/while/cond bodies only (faults reach inside "
+            "them). Select the outputs of that primitive instead, or exclude body values "
+            "with where=lambda s: not s.control_flow")
 
 
-def _population(sites: Sequence[ActivationSite], plan: Plan) -> Population:
+def _refuse_unbounded(sites: Sequence[ActivationSite], selector: Selector) -> None:
+    unbounded = [s for s in sites if 0 in s.trips]
+    if unbounded:
+        raise ValueError(
+            f"selection {selector.describe()} includes {unbounded[0].name!r}, inside a while "
+            "loop whose trip count is not static: give the selector iterations=N, the number "
+            "of iterations a fault's iteration is drawn from (faults drawn past the loop's "
+            "actual trip count do not land), or exclude it with where=lambda s: not s.conditional")
+
+
+def _population(program: interpret.Program, plan: Plan) -> Population:
     if plan.kind != "activations":
         raise ValueError(f"expected a plan over activations sites, got a {plan.kind} plan")
-    pop = plan.population(_candidates(sites, plan.sites))
-    refuse_control_flow(pop.sites, f"plan {plan.sites.describe()}")
+    pop = plan.population(_candidates(program, plan.sites, plan.permanent))
+    _refuse_unbounded(pop.sites, plan.sites)
     return pop
 
 
+def _merge(state: SiteFaults, part: SiteFaults) -> SiteFaults:
+    """The record fields of a site hit several times (iterations): the first landing."""
+    first = part.hit & ~state.hit
+    return SiteFaults(state.hit | part.hit, *(jnp.where(first, p, s) for p, s in zip(part[1:], state[1:])))
+
+
 class _Injection:
-    """One plan's faults of one trial, applied site by site during evaluation."""
+    """One plan's faults of one trial, applied site by site during evaluation.
+
+    A loop site's fault hits the iteration its flat index encodes (its
+    leading axis), or every iteration if the plan is permanent.
+    """
 
     def __init__(self, key: jax.Array, pop: Population, live: jax.Array | None):
         k_sample, self.key = plan_keys(key)
         self.pop = pop
         self.faults = live_faults(k_sample, pop, live)
-        self.parts: list[SiteFaults | None] = [None] * len(pop.sites)
 
-    def hook(self, site: int) -> Callable[[jax.Array], jax.Array]:
-        def apply(values: jax.Array) -> jax.Array:
-            values, self.parts[site] = apply_site(self.key, values, site, self.faults, self.pop)
-            return values
+    def hook(self, site: int) -> StatefulHook:
+        spec = self.pop.sites[site]
+
+        def apply(values: jax.Array, counters: tuple[jax.Array, ...], state: SiteFaults):
+            if not spec.iterations:
+                values, part = apply_site(self.key, values, site, self.faults, self.pop)
+                return values, _merge(state, part)
+            t, inside = _iteration(counters[-len(spec.trips):], spec.trips)
+            per = max(1, spec.size // spec.iterations)
+            faults = self.faults._replace(valid=self.faults.valid & inside & (self.faults.index // per == t))
+            rows, part = apply_rows(self.key, values[None], t[None], site, faults, self.pop)
+            return rows[0], _merge(state, part)
         return apply
+
+    def empty(self) -> SiteFaults:
+        dtype = jnp.uint64 if self.pop.record_width == 64 else jnp.uint32
+        zeros = jnp.zeros(self.faults.valid.shape, dtype)
+        return SiteFaults(jnp.zeros(self.faults.valid.shape, bool), zeros, zeros, zeros)
 
     @property
     def active(self) -> bool:
         """Whether any fault can land (a count=0 plan leaves the program untouched)."""
         return self.pop.cap > 0
 
-    def record(self) -> Record:
-        return assemble_record(self.faults, self.pop, [p for p in self.parts if p is not None])
+    def record(self, parts: Mapping[int, SiteFaults]) -> Record:
+        """The trial's record; a fault on a conditional site that did not land
+        (a branch not taken, an iteration not reached) is left out."""
+        record = assemble_record(self.faults, self.pop, list(parts.values()))
+        conditional = [s for s, site in enumerate(self.pop.sites) if site.conditional]
+        if not conditional:
+            return record
+        landed = functools.reduce(jnp.logical_or, [parts[s].hit for s in conditional if s in parts],
+                                  jnp.zeros_like(record.valid))
+        maybe = jnp.isin(self.faults.site, jnp.asarray(conditional, jnp.int32))
+        valid = record.valid & (~maybe | landed)
+        return record._replace(site=jnp.where(valid, record.site, -1),
+                               index=jnp.where(valid, record.index, 0), valid=valid)
+
+
+def _iteration(counters: Sequence[jax.Array], trips: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+    """The row-major iteration of loop counters, and whether every counter is
+    within its trip count (a while loop may run past the bound drawn from)."""
+    t, inside = jnp.asarray(0, jnp.int32), jnp.asarray(True)
+    for c, n in zip(counters, trips):
+        t = t * n + jnp.minimum(c, n - 1)
+        inside = inside & (c < n)
+    return t, inside
 
 
 # ----------------------------------------------------------------------------
@@ -225,62 +483,94 @@ def run_with_faults(fn: Callable[..., Any], args: Sequence[Any], plans: Sequence
         raise ValueError(f"run_with_faults needs one key per plan, got {len(keys)} keys "
                          f"for {len(plans)} plans")
     program, arrays = interpret.trace(fn, args)
-    sites, ids = program_sites(program), program.ids
-    hooks: dict[int, list[Callable]] = collections.defaultdict(list)
-    injections = []
+    ids = program.ids
+    hooks: dict[int, list[tuple[int, StatefulHook]]] = collections.defaultdict(list)
+    states: dict[int, SiteFaults] = {}
+    injections, owners = [], []
     with jax.named_scope(OWN_SCOPE):
         for plan, key, subset in zip(plans, keys, only):
-            injection = _Injection(key, _population(sites, plan), live)
+            injection = _Injection(key, _population(program, plan), live)
             for s, site in enumerate(injection.pop.sites if injection.active else ()):
                 if subset is None or s in subset:
-                    hooks[ids[site.name]].append(injection.hook(s))
+                    states[len(owners)] = injection.empty()
+                    hooks[ids[site.name]].append((len(owners), injection.hook(s)))
+                    owners.append((len(injections), s))
             injections.append(injection)
-    out = run_hooked(program, arrays, hooks)
+    out, states = evaluate_hooked(program, arrays, hooks, states)
+    parts: list[dict[int, SiteFaults]] = [{} for _ in injections]
+    for key, (i, s) in enumerate(owners):
+        parts[i][s] = states[key]
     with jax.named_scope(OWN_SCOPE):
-        return out, [inj.record() for inj in injections]
+        return out, [inj.record(p) for inj, p in zip(injections, parts)]
 
 
-def activation_sites(fn: Callable[..., Any], *args, integers: bool = False) -> list[ActivationSite]:
+def activation_sites(fn: Callable[..., Any], *args, integers: bool = False,
+                     iterations: int | None = None) -> list[ActivationSite]:
     """Every candidate intermediate value of ``fn(*args)``, in program order.
 
-    Floating outputs only unless ``integers``; values inside control-flow
-    bodies are included with ``control_flow`` set (they cannot be faulted).
+    Args:
+      fn: any JAX function.
+      *args: its arguments.
+      integers: list integer values too (not only floating ones).
+      iterations: the bound on while loops' trip counts (see ``Activations``);
+        without it, while body values have ``trips`` 0.
+
+    Returns:
+      The sites; values inside scan/while/cond bodies have ``control_flow``
+      set and, inside loops, an iteration axis in front of their shape.
     """
-    sites = program_sites(interpret.trace(fn, args)[0])
+    sites = program_sites(interpret.trace(fn, args)[0], iterations)
     return [s for s in sites if integers or s.format.is_float]
 
 
 def selected_sites(fn: Callable[..., Any], plan: Plan, *args) -> tuple[ActivationSite, ...]:
     """The sites an activations ``plan`` selects in ``fn(*args)``; records index these."""
-    return _population(program_sites(interpret.trace(fn, args)[0]), plan).sites
+    return _population(interpret.trace(fn, args)[0], plan).sites
 
 
-def sites_table(sites: Sequence[Site]) -> pd.DataFrame:
+def sites_table(sites: Sequence[Site], by_iteration: bool = False) -> pd.DataFrame:
     """One row per site: name, primitive, shape, dtype, values, bits and, for
-    activations, scope, output_of (module paths it is the output of) and
-    control_flow (non-empty: cannot be faulted)."""
-    rows = [{
-        "name": s.name,
-        "primitive": s.primitive,
-        "shape": s.shape,
-        "dtype": s.dtype.name,
-        "values": s.size,
-        "bits": s.bits,
-        "scope": getattr(s, "scope", ""),
-        "output_of": getattr(s, "output_of", ()),
-        "control_flow": getattr(s, "control_flow", ""),
-    } for s in sites]
+    activations, scope, output_of (module paths it is the output of),
+    control_flow (the enclosing scan/while/cond, if any), iterations (of a
+    loop site's leading axis) and conditional (a fault may not land).
+
+    With ``by_iteration``, a loop site gives one row per iteration, named
+    ``layers/scan:0[3]/jaxpr/...`` with that iteration's shape and size.
+    """
+    rows = []
+    for s in sites:
+        row = {
+            "name": s.name,
+            "primitive": s.primitive,
+            "shape": s.shape,
+            "dtype": s.dtype.name,
+            "values": s.size,
+            "bits": s.bits,
+            "scope": getattr(s, "scope", ""),
+            "output_of": getattr(s, "output_of", ()),
+            "control_flow": getattr(s, "control_flow", ""),
+            "iterations": getattr(s, "iterations", 0),
+            "conditional": getattr(s, "conditional", False),
+        }
+        if not (by_iteration and row["iterations"]):
+            rows.append(row)
+            continue
+        one = s.size // row["iterations"]
+        rows.extend({**row, "name": iteration_name(s, t), "shape": s.shape[1:], "values": one,
+                     "bits": s.bits // row["iterations"], "iterations": 1}
+                    for t in range(row["iterations"]))
     columns = ["name", "primitive", "shape", "dtype", "values", "bits", "scope", "output_of",
-               "control_flow"]
+               "control_flow", "iterations", "conditional"]
     return pd.DataFrame(rows, columns=columns)
 
 
-def _chosen(sites: Sequence[ActivationSite], chosen: str | Sequence[str] | Selector,
+def _chosen(program: interpret.Program, chosen: str | Sequence[str] | Selector,
             what: str) -> tuple[ActivationSite, ...]:
     if isinstance(chosen, Selector):
         if chosen.kind != "activations":
             raise ValueError(f"{what} needs an activations selector, got {chosen.describe()}")
-        return chosen.select(_candidates(sites, chosen))
+        return chosen.select(_candidates(program, chosen))
+    sites = program_sites(program)
     names = (chosen,) if isinstance(chosen, str) else tuple(chosen)
     by_name = {s.name: s for s in sites}
     unknown = [n for n in names if n not in by_name]
@@ -307,7 +597,7 @@ def transform(fn: Callable[..., Any], sites: str | Sequence[str] | Selector,
 
     def g(*args):
         program, arrays = interpret.trace(fn, args)
-        chosen = _chosen(program_sites(program), sites, what)
+        chosen = _chosen(program, sites, what)
         refuse_control_flow(chosen, what)
         ids = program.ids
         return run_hooked(program, arrays, {ids[s.name]: [hook_for(s)] for s in chosen})

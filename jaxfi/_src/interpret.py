@@ -81,10 +81,22 @@ def call_body(eqn: jex.JaxprEqn) -> tuple[jex.Jaxpr, Sequence[Any]] | None:
     return body, ()
 
 
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """An enclosing loop of a body value: the loop equation's name (``scan:0``)
+    and its trip count (None: a ``while`` loop, unknown statically)."""
+
+    name: str
+    trips: int | None
+
+
 @dataclasses.dataclass
 class Value:
     """One equation output: its name, producer scope and primitive, abstract value,
-    enclosing control flow ("" if none) and the scopes that consume it."""
+    enclosing control flow ("" if none; the outermost higher-order primitive),
+    the scopes that consume it, its enclosing loops (outermost first) and
+    whether it is computed only on some runs (inside a cond branch or a while
+    loop)."""
 
     name: str
     scope: str
@@ -92,6 +104,8 @@ class Value:
     aval: Any
     control_flow: str
     consumers: set[str] = dataclasses.field(default_factory=set)
+    loops: tuple[Loop, ...] = ()
+    conditional: bool = False
 
 
 @dataclasses.dataclass
@@ -106,14 +120,16 @@ class Graph:
 @dataclasses.dataclass
 class Node:
     """One equation: operand ids, value ids of its outputs (None: dropped or
-    inlined), the walked body of a call, and the range [lo, hi) of value ids
-    created by it (body included)."""
+    inlined), the walked body of a call, the range [lo, hi) of value ids
+    created by it (bodies included) and, for other higher-order primitives
+    (scan, while, cond), their walked bodies by param label (``bodies``)."""
 
     eqn: jex.JaxprEqn
     ins: tuple[Operand | None, ...]
     ids: tuple[int | None, ...]
     body: Graph | None
     span: tuple[int, int]
+    inner: dict[str, Graph] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,12 +176,15 @@ class Program:
 @dataclasses.dataclass(frozen=True)
 class _Where:
     """Where the builder is: absolute name stack (the scope), name stack
-    relative to the naming root, name prefix, enclosing control flow."""
+    relative to the naming root, name prefix, enclosing control flow, loops
+    and whether the code runs only on some runs."""
 
     stack: siu.NameStack
     relative: siu.NameStack
     prefix: str = ""
     control_flow: str = ""
+    loops: tuple[Loop, ...] = ()
+    conditional: bool = False
 
 
 class _Builder:
@@ -216,22 +235,26 @@ class _Builder:
         scope = str(inner.stack)
         self.consume(ins, scope)
         name = self.name(inner, eqn.primitive.name)
+        walked = {}
         for label, jaxpr, consts in bodies(eqn):
             nested = _Where(inner.stack, siu.new_name_stack(), f"{name}/{label}",
-                            where.control_flow or eqn.primitive.name)
-            self.graph(jaxpr, consts, [None] * len(jaxpr.invars), nested, scope, flat=False)
+                            where.control_flow or eqn.primitive.name,
+                            where.loops + _loop(eqn, name), where.conditional or _conditional(eqn))
+            walked[label] = self.graph(jaxpr, consts, [None] * len(jaxpr.invars), nested, scope,
+                                       flat=False)[0]
         ids: list[int | None] = []
         for j, v in enumerate(eqn.outvars):
             if dropped(v):
                 ids.append(None)
                 continue
             label = name if len(eqn.outvars) == 1 else f"{name}.{j}"
-            self.values.append(Value(label, scope, eqn.primitive.name, v.aval, where.control_flow))
+            self.values.append(Value(label, scope, eqn.primitive.name, v.aval, where.control_flow,
+                                     loops=where.loops, conditional=where.conditional))
             ids.append(len(self.values) - 1)
             env[v] = ids[-1]
         if flat:
             self.ops.append(Op(eqn, ins, tuple(ids)))
-        return Node(eqn, ins, tuple(ids), None, (lo, len(self.values)))
+        return Node(eqn, ins, tuple(ids), None, (lo, len(self.values)), walked)
 
     def name(self, where: _Where, primitive: str) -> str:
         # Counting per joined scope string keeps names unique even when a
@@ -240,6 +263,20 @@ class _Builder:
         k = self.counts[scope, primitive]
         self.counts[scope, primitive] += 1
         return f"{scope}/{primitive}:{k}" if scope else f"{primitive}:{k}"
+
+
+def _loop(eqn: jex.JaxprEqn, name: str) -> tuple[Loop, ...]:
+    """The loop an equation's bodies run in, if it is a loop."""
+    if eqn.primitive is prims.scan_p:
+        return (Loop(name, int(eqn.params["length"])),)
+    if eqn.primitive is prims.while_p:
+        return (Loop(name, None),)
+    return ()
+
+
+def _conditional(eqn: jex.JaxprEqn) -> bool:
+    """Whether an equation's bodies may not run on every evaluation."""
+    return eqn.primitive in (prims.cond_p, prims.while_p)
 
 
 def dropped(v: Any) -> bool:
@@ -314,12 +351,15 @@ class Rules:
     ``table``: per primitive, a rule ``(eqn, args) -> outputs`` used instead of
     ``bind``; ``descend(node)``: whether to evaluate a call's body equation by
     equation instead of binding the call whole; ``after(ids, outputs)``: the
-    produced values as the program continues with them (hooks).
+    produced values as the program continues with them (hooks);
+    ``control(node, args) -> outputs``: how to evaluate a scan, while or cond
+    node (``node.inner`` holds its bodies) where ``descend`` asks.
     """
 
     table: Mapping[Any, Rule] = dataclasses.field(default_factory=dict)
     descend: Callable[[Node], bool] = lambda node: False
     after: Callable[[tuple[int | None, ...], list[Any]], list[Any]] | None = None
+    control: Callable[[Node, list[Any]], list[Any]] | None = None
 
 
 def read(env: dict, v: Any) -> Any:
@@ -337,6 +377,8 @@ def evaluate(graph: Graph, args: Sequence[Any], rules: Rules = Rules()) -> list[
         with equation_context(eqn):
             if node.body is not None and rules.descend(node):
                 outs = evaluate(node.body, invals, rules)
+            elif node.inner and rules.control is not None and rules.descend(node):
+                outs = rules.control(node, invals)
             elif eqn.primitive in rules.table:
                 outs = rules.table[eqn.primitive](eqn, invals)
             else:

@@ -155,6 +155,15 @@ def _check_pattern(what: str, pattern: str | None) -> None:
         raise ValueError(f"{what} {pattern!r} is not a valid regex: {err}") from None
 
 
+def _check_iterations(iterations: Any) -> None:
+    if iterations is None:
+        return
+    if isinstance(iterations, (bool, np.bool_)) or not isinstance(iterations, (int, np.integer)):
+        raise TypeError(f"iterations must be a positive integer or None, got {iterations!r}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be a positive integer or None, got {iterations!r}")
+
+
 def _tupled(selector: Selector, field: str) -> None:
     """Store a list-valued field as a tuple, so that the selector stays hashable."""
     if isinstance(getattr(selector, field), list):
@@ -207,6 +216,10 @@ class Activations(Selector):
         or a tuple of names.
       dtype: a dtype or a tuple of dtypes the value must have.
       where: a predicate on the ``Site``.
+      iterations: for values inside ``while_loop`` bodies (whose trip count
+        is not static), the number of iterations a fault's iteration is
+        drawn from; a fault drawn past the loop's actual trip count does not
+        land. Scan and ``fori_loop`` bodies need none.
     """
 
     kind: ClassVar[str] = "activations"
@@ -214,11 +227,13 @@ class Activations(Selector):
     primitive: str | tuple[str, ...] | None = None
     dtype: Any = None
     where: Callable[[Site], bool] | None = None
+    iterations: int | None = None
 
     def __post_init__(self):
         _check_pattern("site name pattern", self.name)
         _tupled(self, "primitive")
         _tupled(self, "dtype")
+        _check_iterations(self.iterations)
 
     def accepts(self, site: Site) -> bool:
         """Whether the value's name and producing primitive match."""
@@ -242,16 +257,19 @@ class ModuleOutput(Selector):
         (``"CNN/conv1"``, ``r"CNN/conv\\d"``).
       dtype: a dtype or a tuple of dtypes the value must have.
       where: a predicate on the ``Site``.
+      iterations: the bound on while loops' trip counts (see ``Activations``).
     """
 
     kind: ClassVar[str] = "activations"
     path: str
     dtype: Any = None
     where: Callable[[Site], bool] | None = None
+    iterations: int | None = None
 
     def __post_init__(self):
         _check_pattern("module path pattern", self.path)
         _tupled(self, "dtype")
+        _check_iterations(self.iterations)
 
     def accepts(self, site: Site) -> bool:
         """Whether the value leaves a module whose path fully matches ``path``."""
