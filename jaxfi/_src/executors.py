@@ -30,6 +30,7 @@ and inputs are always jit arguments, never constants baked into the program.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -58,7 +59,11 @@ def _invariant(trials: Trials) -> Callable[..., Any]:
 
 
 class Runner(Protocol):
-    """A compiled way to compute trials [start, stop) with stop - start <= width."""
+    """A compiled way to compute trials [start, stop) with stop - start <= width.
+
+    ``on`` is optional: a runner that has it can run a campaign in
+    microbatches (``Campaign(batch_size=...)``).
+    """
 
     name: str
     width: int
@@ -68,6 +73,21 @@ class Runner(Protocol):
 
     def golden(self, program: int) -> np.ndarray:
         """The output of program ``program`` when no fault lands."""
+
+    def on(self, inputs: Any) -> Runner:
+        """This runner on other inputs, without compiling anything again.
+
+        ``inputs`` has the shapes and dtypes of the runner's inputs (a
+        microbatch of a campaign's batch; the campaign pads the last one).
+        The returned runner computes trial ``i`` with the same key, params
+        and plans (so the same faults and records, but for values read from
+        the inputs), reuses every program compiled so far (its
+        ``compile_seconds`` starts from this runner's), and places only
+        ``inputs`` on the devices (params stay where they are). Its
+        ``golden(program)`` is program ``program`` with no fault landing on
+        ``inputs``. This runner is left unchanged. Program ids keep their
+        meaning: a trial gets the same program on every microbatch.
+        """
 
 
 def _first(tree: Any, n: int) -> Any:
@@ -90,8 +110,8 @@ class _ShardedRunner:
         self._trials = trials
         mesh = Mesh(np.asarray(devices), (TRIAL_AXIS,))
         self._split = NamedSharding(mesh, PartitionSpec(TRIAL_AXIS))
-        self._args = jax.device_put((trials.base_key, trials.params, trials.inputs),
-                                    NamedSharding(mesh, PartitionSpec()))
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._args = jax.device_put((trials.base_key, trials.params, trials.inputs), self._replicated)
         # check_vma=False: the batch-invariant program is re-bound from a jaxpr
         # traced outside the mesh, which carries no varying-axis annotations.
         program = jax.jit(jax.shard_map(
@@ -114,6 +134,14 @@ class _ShardedRunner:
         """The reference program's golden output (this runner gives its bits)."""
         return self._trials.golden
 
+    def on(self, inputs: Any) -> _ShardedRunner:
+        """This runner's compiled program on other inputs (see ``Runner.on``)."""
+        moved = copy.copy(self)
+        moved._trials = self._trials.on(inputs)
+        base, params, _ = self._args
+        moved._args = (base, params, jax.device_put(inputs, self._replicated))
+        return moved
+
 
 class _LoopRunner:
     """The jitted single trial in a Python loop, trials dealt to devices in turn."""
@@ -123,6 +151,7 @@ class _LoopRunner:
     def __init__(self, trials: Trials, chunk_size: int, devices: Sequence[jax.Device]):
         self.width = chunk_size
         self._trials = trials
+        self._devices = list(devices)
         self._placed = [jax.device_put((trials.base_key, trials.params, trials.inputs), d)
                         for d in devices]
         began = time.perf_counter()
@@ -143,6 +172,14 @@ class _LoopRunner:
     def golden(self, program: int) -> np.ndarray:
         """The reference program's golden output."""
         return self._trials.golden
+
+    def on(self, inputs: Any) -> _LoopRunner:
+        """The compiled single trial on other inputs (see ``Runner.on``)."""
+        moved = copy.copy(self)
+        moved._trials = self._trials.on(inputs)
+        moved._placed = [(base, params, jax.device_put(inputs, d))
+                         for (base, params, _), d in zip(self._placed, self._devices)]
+        return moved
 
 
 @dataclasses.dataclass(frozen=True)

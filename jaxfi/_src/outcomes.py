@@ -123,6 +123,16 @@ def builtin_names(labelled: bool) -> tuple[str, ...]:
 
 def classification(g: Golden, outputs: np.ndarray) -> dict[str, np.ndarray]:
     """Built-in outcomes of T trials whose outputs are [T, B, ...]."""
+    return reduce_inputs(per_input(g, outputs), g.correct is not None)
+
+
+def per_input(g: Golden, outputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Per trial and input ([T, B] arrays): what ``reduce_inputs`` needs.
+
+    Inputs are independent here, so the figures of a batch split into
+    microbatches, concatenated along the input axis, reduce to the same
+    outcomes as the whole batch's.
+    """
     if outputs.shape[1:] != g.output.shape:
         raise ValueError(f"trial outputs have shape {list(outputs.shape[1:])}, golden "
                          f"{list(g.output.shape)}")
@@ -132,35 +142,52 @@ def classification(g: Golden, outputs: np.ndarray) -> dict[str, np.ndarray]:
     finite = np.isfinite(wide).all(axis=2)
     top1 = np.argmax(np.where(np.isfinite(wide), wide, -np.inf), axis=2)
     changed = finite & (top1 != g.top1)
-    left5 = finite & ~(top1[:, :, None] == g.top5[None]).any(axis=2)
+    out = {"finite": finite, "changed": changed,
+           "left5": finite & ~(top1[:, :, None] == g.top5[None]).any(axis=2)}
+    if g.correct is not None:
+        out["changed_correct"] = changed & g.correct
+        out["right"] = finite & (top1 == g.labels)
+    out.update(_deviation(g.logits, faulty))
+    return out
+
+
+def reduce_inputs(per: Mapping[str, np.ndarray], labelled: bool) -> dict[str, np.ndarray]:
+    """Built-in outcome columns from ``per_input`` figures over a trial's inputs."""
     out = {
-        "sdc_inputs": changed.sum(axis=1),
-        "sdc5_inputs": left5.sum(axis=1),
-        "due_inputs": (~finite).sum(axis=1),
+        "sdc_inputs": per["changed"].sum(axis=1),
+        "sdc5_inputs": per["left5"].sum(axis=1),
+        "due_inputs": (~per["finite"]).sum(axis=1),
     }
     out["sdc"], out["sdc5"], out["due"] = (out[n] > 0 for n in INPUT_COUNTS)
     out["masked"] = ~(out["sdc"] | out["due"])
-    if g.correct is not None:
-        out["sdc_correct_inputs"] = (changed & g.correct).sum(axis=1)
-        out["accuracy"] = (finite & (top1 == g.labels)).mean(axis=1)
-    out.update(_deviation(g.logits, faulty))
-    return {name: np.asarray(out[name]) for name in builtin_names(g.correct is not None)}
+    if labelled:
+        out["sdc_correct_inputs"] = per["changed_correct"].sum(axis=1)
+        out["accuracy"] = per["right"].mean(axis=1)
+    bad = per["unbounded"].any(axis=1)
+    base = np.sqrt(per["golden_square"].sum(axis=1))
+    norm = np.sqrt(per["square"].sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.where(base > 0, norm / np.where(base > 0, base, 1.0), np.where(norm > 0, np.inf, 0.0))
+    out["max_abs_dev"] = np.where(bad, np.inf, per["max_abs"].max(axis=1, initial=0.0))
+    out["rel_l2"] = np.where(bad, np.inf, rel)
+    out["identical"] = per["same"].all(axis=1)
+    return {name: np.asarray(out[name]) for name in builtin_names(labelled)}
 
 
 def _deviation(golden_logits: np.ndarray, faulty: np.ndarray) -> dict[str, np.ndarray]:
+    """Per trial and input: largest |difference|, sum of squares, golden's sum of
+    squares, whether a difference is non-finite, whether the bits are equal."""
     with np.errstate(invalid="ignore", over="ignore"):
         diff = faulty.astype(np.float64) - golden_logits.astype(np.float64)[None]
-        bad = ~np.isfinite(diff).all(axis=(1, 2))
+        unbounded = ~np.isfinite(diff).all(axis=2)
         diff = np.where(np.isfinite(diff), diff, 0.0)
-        max_abs = np.abs(diff).max(axis=(1, 2))
-        norm = np.sqrt((diff * diff).sum(axis=(1, 2)))
-        base = float(np.sqrt((golden_logits.astype(np.float64) ** 2).sum()))
-        rel = norm / base if base > 0 else np.where(norm > 0, np.inf, 0.0)
+        golden_square = (golden_logits.astype(np.float64) ** 2).sum(axis=1)
     uint = np.dtype(f"u{faulty.dtype.itemsize}")
-    same = (faulty.view(uint) == golden_logits.view(uint)[None]).all(axis=(1, 2))
-    return {"max_abs_dev": np.where(bad, np.inf, max_abs),
-            "rel_l2": np.where(bad, np.inf, rel),
-            "identical": same}
+    return {"max_abs": np.abs(diff).max(axis=2, initial=0.0),
+            "square": (diff * diff).sum(axis=2),
+            "golden_square": np.broadcast_to(golden_square, unbounded.shape),
+            "unbounded": unbounded,
+            "same": (faulty.view(uint) == golden_logits.view(uint)[None]).all(axis=2)}
 
 
 def custom_names(fns: Sequence[OutcomeFn], g: Golden, taken: Sequence[str]) -> dict[str, np.dtype]:

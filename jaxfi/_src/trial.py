@@ -196,6 +196,14 @@ class Trials:
     plans: tuple[Plan, ...] | None = None
     compile_seconds: float | None = None
 
+    def on(self, inputs: Any) -> Trials:
+        """The same trials on other inputs of the same shapes and dtypes,
+        sharing the compiled unbatched trial (``single``)."""
+        moved = dataclasses.replace(self, inputs=inputs)
+        if "single" in self.__dict__:
+            moved.__dict__["single"] = self.single
+        return moved
+
     @functools.cached_property
     def single(self) -> Callable[..., Any]:
         """The jitted unbatched trial: the reference every executor is measured against."""
