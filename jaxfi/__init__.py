@@ -13,7 +13,14 @@ extras, ``jaxfi.models`` and ``jaxfi.training`` (``models``), ``jaxfi.data``
 """
 
 from jaxfi import distributed, executors, stats
-from jaxfi._src.activations import activation_sites, capture, named_scopes, sites_table
+from jaxfi._src.activations import (
+    activation_sites,
+    capture,
+    iteration_name,
+    loop_iteration,
+    named_scopes,
+    sites_table,
+)
 from jaxfi._src.bits import (
     SUPPORTED_DTYPES,
     Format,
@@ -82,6 +89,8 @@ __all__ = [
     "sites_of",
     "sites_table",
     "named_scopes",
+    "loop_iteration",
+    "iteration_name",
     # plans and injection
     "Plan",
     "Population",

@@ -262,9 +262,8 @@ class _Evaluation:
         p = node.eqn.params
         n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
         cond_consts, body_consts, init = args[:n_cond], args[n_cond:n_cond + n_body], args[n_cond + n_body:]
-        lo, hi = node.span
         test = node.inner["cond_jaxpr"]
-        if any(lo <= i < hi for i in self.touched) and _holds_hooked(test, self.touched):
+        if _holds_hooked(test, self.touched):
             raise ValueError("values computed in a while loop's condition cannot be faulted; "
                              "fault its body's values instead")
 
@@ -377,9 +376,10 @@ def _refuse_unbounded(sites: Sequence[ActivationSite], selector: Selector) -> No
 def _population(program: interpret.Program, plan: Plan) -> Population:
     if plan.kind != "activations":
         raise ValueError(f"expected a plan over activations sites, got a {plan.kind} plan")
-    pop = plan.population(_candidates(program, plan.sites, plan.permanent))
-    _refuse_unbounded(pop.sites, plan.sites)
-    return pop
+    candidates = _candidates(program, plan.sites, plan.permanent)
+    if not plan.permanent:  # a permanent fault hits every iteration: no bound needed
+        _refuse_unbounded(plan.sites.select(candidates), plan.sites)
+    return plan.population(candidates)
 
 
 def _merge(state: SiteFaults, part: SiteFaults) -> SiteFaults:
