@@ -34,7 +34,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -81,11 +81,28 @@ class Campaign:
     ``seed`` is an integer in [0, 2**32). Arrays must keep their dtype in
     JAX: 64-bit ones need ``jax_enable_x64``. The golden run is computed
     once, here.
+
+    ``batch_size`` splits the inputs (every leaf, and the labels) along axis
+    0 into microbatches of that many rows: each trial's faults are drawn
+    once (from the trial's key) and every microbatch is evaluated with them,
+    so the device holds one microbatch at a time. The last microbatch is
+    padded to full size with its own rows again, whose outputs are dropped:
+    one compiled program serves every microbatch. A trial's outcomes are
+    those of the whole batch (counts summed over inputs, an event if any
+    input has it, accuracy and deviations over all inputs), so where the
+    model treats inputs independently the table equals the one-batch
+    table. Params faults are the same on every microbatch by construction;
+    permanent activation and input faults (``Plan(permanent=True)``) hit
+    their position in every input of every microbatch, and their records
+    hold the first input's values. Transient activation and input faults
+    (one value of the whole batch) need the whole batch in one program, so
+    a plan of them with more than one microbatch is refused. Custom outcomes
+    are called with the whole batch's output, gathered on the host.
     """
 
     def __init__(self, apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any,
                  labels: Any = None, plans: Plan | Sequence[Plan] = (), *, seed: int = 0,
-                 outcomes: Sequence[outcomes_lib.OutcomeFn] = ()):
+                 outcomes: Sequence[outcomes_lib.OutcomeFn] = (), batch_size: int | None = None):
         self.plans = (plans,) if isinstance(plans, Plan) else tuple(plans)
         if not self.plans:
             raise ValueError("Campaign needs at least one plan, e.g. jaxfi.Plan(jaxfi.Params())")
@@ -97,23 +114,57 @@ class Campaign:
         check_x64(inputs, "inputs")
         self.apply_fn, self.params, self.inputs, self.seed = apply_fn, params, inputs, int(seed)
         self.labels = None if labels is None else np.asarray(labels)
+        self.batch_size = None if batch_size is None else _positive("batch_size", batch_size, 1)
+        self._spans = _spans(inputs, self.batch_size)
+        self._check_transient()
         forward = jax.jit(apply_fn)
         began = time.perf_counter()
-        self.golden = outcomes_lib.golden(forward(params, inputs), self.labels)
+        first = jax.device_get(forward(params, self._microbatch(0)))
         compile_seconds = time.perf_counter() - began
+        outputs = [first] + [jax.device_get(forward(params, self._microbatch(j)))
+                             for j in range(1, len(self._spans))]
+        self.golden = outcomes_lib.golden(
+            np.concatenate([o[self._real(j)] for j, o in enumerate(outputs)]), self.labels)
         self.sites: tuple[tuple[Site, ...], ...] = tuple(
-            tuple(sites_of(apply_fn, plan, params, inputs)) for plan in self.plans)
+            tuple(sites_of(apply_fn, plan, params, self._microbatch(0))) for plan in self.plans)
         self._outcome_fns = tuple(outcomes)
         builtin = outcomes_lib.builtin_names(self.labels is not None)
         self._custom = outcomes_lib.custom_names(self._outcome_fns, self.golden, builtin)
         self.outcome_names: tuple[str, ...] = builtin + tuple(self._custom)
         self._trials = Trials(trial_function(faulty(apply_fn, *self.plans)),
-                              jax.random.key(self.seed), params, inputs, apply_fn, self.plans, compile_seconds)
+                              jax.random.key(self.seed), params, self._microbatch(0), apply_fn, self.plans,
+                              compile_seconds)
         # Built once per campaign, reused by every later run() and resume.
         self._runners: dict[tuple[Any, ...], exec_lib.Runner] = {}
         self._decided: exec_lib.Executor | None = None
         self._decision_table: pd.DataFrame | None = None
-        self._goldens: dict[int, outcomes_lib.Golden] = {}
+        self._goldens: dict[tuple[Any, int], outcomes_lib.Golden] = {}
+
+    def _check_transient(self) -> None:
+        if len(self._spans) == 1:
+            return
+        transient = [p for p in self.plans if p.kind != "params" and not p.permanent]
+        if transient:
+            raise ValueError(
+                f"batch_size={self.batch_size} splits the {self._spans[-1][1]} inputs into "
+                f"{len(self._spans)} microbatches, but plan {identity.describe(transient[0])} places "
+                "transient faults on single values of the whole batch, which needs it in one "
+                "program: use permanent=True, a params plan, or batch_size=None")
+
+    def _real(self, j: int) -> slice:
+        """The rows of microbatch ``j`` that are inputs (not padding), counted from its start."""
+        if len(self._spans) == 1:
+            return slice(None)
+        a, b = self._spans[j]
+        return slice(0, b - a)
+
+    def _microbatch(self, j: int) -> Any:
+        """Microbatch ``j`` of the inputs, the last one padded with its own rows."""
+        if len(self._spans) == 1:
+            return self.inputs
+        a, b = self._spans[j]
+        rows = a + np.arange(self._spans[0][1]) % (b - a)
+        return jax.tree.map(lambda v: v[rows], self.inputs)
 
     @functools.cached_property
     def config(self) -> dict[str, Any]:
@@ -146,6 +197,7 @@ class Campaign:
             "data": data,
             "data_sha256": hashlib.sha256(" ".join(
                 str(d and d["sha256"]) for d in data.values()).encode()).hexdigest(),
+            **({} if self.batch_size is None else {"batch_size": self.batch_size}),
         }
 
     def run(self, trials: int, *, executor: str | exec_lib.Executor = "auto",
@@ -211,10 +263,21 @@ class Campaign:
                 bar.update(stop - start)
         return self._result(parts, session.name, session.timings, stopped, trials, session.compile_seconds)
 
-    def _golden_of(self, program: int, runner_golden: Callable[[int], np.ndarray]) -> outcomes_lib.Golden:
-        if program not in self._goldens:
-            self._goldens[program] = outcomes_lib.golden(runner_golden(program), self.labels)
-        return self._goldens[program]
+    def _golden_of(self, j: int, program: int, runner_golden: Callable[[int], np.ndarray]) -> outcomes_lib.Golden:
+        """Microbatch ``j``'s golden run of ``program`` (padding dropped)."""
+        if (j, program) not in self._goldens:
+            a = self._spans[j][0]
+            labels = None if self.labels is None else self.labels[a:][self._real(j)]
+            self._goldens[j, program] = outcomes_lib.golden(np.asarray(runner_golden(program))[self._real(j)],
+                                                            labels)
+        return self._goldens[j, program]
+
+    def _whole_golden(self, program: int) -> outcomes_lib.Golden:
+        """The whole batch's golden run of ``program``, from its microbatches'."""
+        if ("all", program) not in self._goldens:
+            parts = [self._goldens[j, program].output for j in range(len(self._spans))]
+            self._goldens["all", program] = outcomes_lib.golden(np.concatenate(parts), self.labels)
+        return self._goldens["all", program]
 
     def _runner(self, chosen: exec_lib.Executor, width: int, devices: Sequence[jax.Device]) -> exec_lib.Runner:
         """The campaign's runner of ``chosen`` (built on first use, then kept)."""
@@ -232,7 +295,7 @@ class Campaign:
         def share() -> dict[str, np.ndarray]:
             if a == b:
                 return template
-            columns = self._columns(session.compute(a, b), session.golden)
+            columns = self._columns(session.microbatches(a, b))
             if db is not None:
                 db.write_chunk(a, b, columns)
             return columns
@@ -268,32 +331,68 @@ class Campaign:
         index = _positive("index", index, 0)
         if index > MAX_TRIALS:
             raise ValueError(f"index must be at most {MAX_TRIALS} (int32 trial indices), got {index}")
-        output, records = self._trials.replay(index)
-        computed = Computed(output[None], jax.tree.map(lambda a: a[None], records),
-                            np.asarray([REFERENCE], np.int64))
-        columns = self._columns(computed, lambda program: self._trials.golden)
+        runs, records = [], None
+        for j in range(len(self._spans)):
+            trials = self._trials if j == 0 else self._trials.on(self._microbatch(j))
+            output, recorded = trials.replay(index)
+            records = recorded if records is None else records
+            computed = Computed(output[None], jax.tree.map(lambda a: a[None], recorded),
+                                np.asarray([REFERENCE], np.int64))
+            runs.append((j, computed, lambda program, trials=trials: trials.golden))
+        columns = self._columns(runs)
+        output = np.concatenate([c.output[0][self._real(j)] for j, c, _ in runs])
         return TrialResult(index, output, records,
                            {name: columns[name][0].item() for name in self.outcome_names})
 
-    def _columns(self, out: Computed, golden: Callable[[int], np.ndarray]) -> dict[str, np.ndarray]:
+    def _columns(self, runs: Iterable[tuple[int, Computed, Callable[[int], np.ndarray]]]) -> dict[str, np.ndarray]:
         """Per-trial columns of a chunk: outcomes against the golden run of
-        each trial's own program, the program, then every record array."""
-        outputs, records, programs = np.asarray(out.output), out.records, np.asarray(out.program)
-        parts = []
-        for program in np.unique(programs) if len(programs) else [REFERENCE]:
-            rows = programs == program
-            reference = self._golden_of(int(program), golden) if len(programs) else self.golden
-            part = outcomes_lib.classification(reference, outputs[rows])
-            part.update(outcomes_lib.custom(self._outcome_fns, self._custom, reference, outputs[rows]))
-            parts.append((rows, part))
-        columns = {name: np.empty((len(programs),) + a.shape[1:], a.dtype) for name, a in parts[0][1].items()}
-        for rows, part in parts:
-            for name, a in part.items():
-                columns[name][rows] = a
-        columns["program"] = programs.astype(np.int64)
-        for j, record in enumerate(records):
+        each trial's own program, the program, then every record array.
+
+        ``runs`` yields, per microbatch ``j``, its trials and its runner's
+        ``golden(program)``; each is reduced to per-input figures before the
+        next is computed. Records come from the first microbatch.
+        """
+        figures, outputs, first = [], [], None
+        for j, out, golden in runs:
+            programs = np.asarray(out.program).astype(np.int64)
+            if first is None:
+                first = out
+            elif not np.array_equal(programs, first.program):
+                raise ValueError("the executor computed a trial with different programs on two microbatches")
+            batch = np.asarray(out.output)[:, self._real(j)]
+            figures.append(self._per_input(j, batch, programs, golden))
+            if self._outcome_fns:
+                outputs.append(batch)
+        programs = np.asarray(first.program).astype(np.int64)
+        joined = {name: np.concatenate([f[name] for f in figures], axis=1) for name in figures[0]}
+        columns = outcomes_lib.reduce_inputs(joined, self.labels is not None)
+        if self._outcome_fns:
+            columns.update(self._custom_columns(np.concatenate(outputs, axis=1), programs))
+        columns["program"] = programs
+        for j, record in enumerate(first.records):
             for field in Record._fields:
                 columns[_RECORD_COLUMN.format(plan=j, field=field)] = np.asarray(getattr(record, field))
+        return columns
+
+    def _per_input(self, j: int, batch: np.ndarray, programs: np.ndarray,
+                   golden: Callable[[int], np.ndarray]) -> dict[str, np.ndarray]:
+        """Microbatch ``j``'s per-input figures, each trial against its program's golden run."""
+        figures: dict[str, np.ndarray] = {}
+        for program in np.unique(programs) if len(programs) else [REFERENCE]:
+            rows = programs == program
+            part = outcomes_lib.per_input(self._golden_of(j, int(program), golden), batch[rows])
+            for name, a in part.items():
+                figures.setdefault(name, np.empty((len(programs),) + a.shape[1:], a.dtype))[rows] = a
+        return figures
+
+    def _custom_columns(self, outputs: np.ndarray, programs: np.ndarray) -> dict[str, np.ndarray]:
+        columns = {name: np.zeros(len(programs), dtype) for name, dtype in self._custom.items()}
+        for program in np.unique(programs):
+            rows = programs == program
+            part = outcomes_lib.custom(self._outcome_fns, self._custom, self._whole_golden(int(program)),
+                                       outputs[rows])
+            for name, a in part.items():
+                columns[name][rows] = a
         return columns
 
     def _stored(self, db: Store | None, limit: int | None) -> list[dict[str, np.ndarray]]:
@@ -328,10 +427,11 @@ class Campaign:
     def _empty_columns(self) -> dict[str, np.ndarray]:
         """Zero-row columns of every dtype and per-trial shape a table has."""
         output, records = jax.eval_shape(self._trials.fn, self._trials.base_key, np.int32(0),
-                                         self.params, self.inputs)
+                                         self.params, self._trials.inputs)
         empty = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), (output, records))
         computed = Computed(*empty, np.zeros(0, np.int64))
-        return {"trial": np.zeros(0, np.int64), **self._columns(computed, lambda program: self._trials.golden)}
+        runs = [(j, computed, lambda program: self._trials.golden) for j in range(1)]
+        return {"trial": np.zeros(0, np.int64), **self._columns(runs)}
 
 
 class _Session:
@@ -358,9 +458,16 @@ class _Session:
     def started(self) -> bool:
         return self._runner is not None
 
-    def golden(self, program: int) -> np.ndarray:
-        """The golden output of the runner's program ``program``."""
-        return self._runner.golden(program)
+    def microbatches(self, start: int, stop: int) -> Iterator[tuple[int, Computed, Callable[[int], np.ndarray]]]:
+        """Per microbatch: its index, trials [start, stop) on it, and its runner's golden."""
+        campaign = self._campaign
+        for j in range(len(campaign._spans)):
+            runner = self._runner if j == 0 else self._runner.on(campaign._microbatch(j))
+            out = runner(start, stop)
+            if j == 0 and self._unverified:
+                exec_lib.verify(runner.name, out, campaign._trials, start, stop)
+                self._unverified = False
+            yield j, out, runner.golden
 
     def start(self, start: int, trials_left: int) -> None:
         """Decide the executor and build its runner. Every process calls this
@@ -378,17 +485,13 @@ class _Session:
             raise ValueError(message["error"])
         chosen = decided or (self._chosen if exec_lib.spec(self._chosen) == message else exec_lib.from_spec(message))
         self._runner = self._campaign._runner(chosen, self._layout.width(), self._devices)
+        if len(self._campaign._spans) > 1 and not callable(getattr(self._runner, "on", None)):
+            raise ValueError(f"executor {self._runner.name!r} cannot run microbatches (its runner has no "
+                             "on(inputs)); with batch_size use 'loop', 'map', 'vmap' or 'auto'")
         self._unverified = self._verify and isinstance(chosen, (exec_lib.VmapExecutor, exec_lib.MapExecutor))
         if self._db is not None and self._layout.index == 0:
             self._db.record("executor", message)
         self.bar.set_postfix(executor=self._runner.name)
-
-    def compute(self, start: int, stop: int) -> Computed:
-        out = self._runner(start, stop)
-        if self._unverified:
-            exec_lib.verify(self._runner.name, out, self._campaign._trials, start, stop)
-            self._unverified = False
-        return out
 
     def _decide(self, start: int, trials_left: int) -> exec_lib.Executor:
         """The executor: the one the store recorded, else auto's decision (made
@@ -408,9 +511,12 @@ class _Session:
                                  f"{recorded.get('name')!r}: pass that executor object to resume it")
             return chosen
         if not auto:
+            _check_fits(self._chosen, campaign)
             return self._chosen
         if campaign._decided is None:
-            chosen, runner, table = exec_lib.choose(self._chosen, campaign._trials, self._layout.width(),
+            fitting = tuple(c for c in self._chosen.candidates if _fits(c, campaign)) or ("loop",)
+            auto = dataclasses.replace(self._chosen, candidates=fitting)
+            chosen, runner, table = exec_lib.choose(auto, campaign._trials, self._layout.width(),
                                                     self._devices, start, trials_left)
             if runner is not None:
                 campaign._runners.setdefault(_runner_key(chosen, self._layout.width(), self._devices), runner)
@@ -419,6 +525,21 @@ class _Session:
                 self.bar.write(f"executor auto chose {chosen.name!r}:\n" + table.to_string(index=False))
         self.timings = campaign._decision_table
         return campaign._decided
+
+
+def _fits(chosen: exec_lib.Executor, campaign: Campaign) -> bool:
+    """Whether ``chosen`` can run ``campaign``: the grouped executor slices rows
+    (so no permanent plans) and needs ``on`` for microbatches."""
+    if not isinstance(chosen, exec_lib.GroupedExecutor):
+        return True
+    permanent = any(p.permanent for p in campaign.plans)
+    return not permanent and (len(campaign._spans) == 1 or callable(getattr(exec_lib.GroupedRunner, "on", None)))
+
+
+def _check_fits(chosen: exec_lib.Executor, campaign: Campaign) -> None:
+    if not _fits(chosen, campaign):
+        raise ValueError(f"executor {chosen.name!r} cannot run this campaign (permanent plans, or "
+                         "microbatches without Runner.on): use 'loop', 'map', 'vmap' or 'auto'")
 
 
 def _runner_key(chosen: exec_lib.Executor, width: int, devices: Sequence[jax.Device]) -> tuple[Any, ...]:
@@ -608,6 +729,20 @@ def _merge(parts: list[dict[str, np.ndarray]], empty: dict[str, np.ndarray]) -> 
         return empty
     order = np.argsort(np.concatenate([p["trial"] for p in parts]), kind="stable")
     return {name: np.concatenate([p[name] for p in parts])[order] for name in parts[0]}
+
+
+def _spans(inputs: Any, batch_size: int | None) -> list[tuple[int, int]]:
+    """The row ranges of the microbatches of ``inputs`` (one range without ``batch_size``)."""
+    if batch_size is None:
+        return [(0, 0)]  # one batch, whatever its size
+    leaves = [leaf for leaf in jax.tree.leaves(inputs) if hasattr(leaf, "shape")]
+    rows = {int(np.shape(leaf)[0]) if np.ndim(leaf) else None for leaf in leaves}
+    if len(rows) != 1 or None in rows:
+        raise ValueError(f"batch_size needs inputs whose every array has the same leading (batch) "
+                         f"axis, got leading sizes {sorted(map(str, rows))}")
+    n = rows.pop()
+    size = min(batch_size, max(n, 1))
+    return [(a, min(a + size, n)) for a in range(0, n, size)] or [(0, n)]
 
 
 def _own(devices: Sequence[jax.Device] | None) -> list[jax.Device]:

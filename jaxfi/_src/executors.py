@@ -276,7 +276,7 @@ def executor(spec: str | Executor) -> Executor:
     """
     if isinstance(spec, str) and spec in _NAMED:
         return _NAMED[spec]()
-    if not isinstance(spec, str) and callable(getattr(spec, "build", None)):
+    if isinstance(spec, AutoExecutor) or (not isinstance(spec, str) and callable(getattr(spec, "build", None))):
         return spec
     raise ValueError(f"executor must be one of {sorted(_NAMED)} or an executor object, got {spec!r}")
 
