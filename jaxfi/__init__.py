@@ -45,7 +45,7 @@ from jaxfi._src.executors import (
 from jaxfi._src.fault_aware import Optimizer, StepInfo, TrainState, fault_aware_step, init_state
 from jaxfi._src.faults import BitFlip, Burst, Custom, FaultModel, RandomValue, StuckAt, Zero
 from jaxfi._src.inject import Record, inject, population_of, sample_faults
-from jaxfi._src.outcomes import Golden
+from jaxfi._src.outcomes import Golden, sequence_outcomes
 from jaxfi._src.plan import Plan, Population
 from jaxfi._src.protect import Bounds, record_bounds, restrict
 from jaxfi._src.record import record_table
@@ -106,6 +106,7 @@ __all__ = [
     "Result",
     "TrialResult",
     "Golden",
+    "sequence_outcomes",
     "Store",
     "CorruptChunkError",
     "AutoExecutor",

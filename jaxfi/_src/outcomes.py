@@ -238,3 +238,56 @@ def _call(fn: OutcomeFn, g: Golden, faulty: np.ndarray) -> dict[str, Any]:
 
 def _fn_name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def sequence_outcomes(targets: Any) -> OutcomeFn:
+    """Outcomes for sequence models whose output is logits ``[B, L, V]``, scored against ``targets`` ``[B, L]``.
+
+    The greedy token at each position is its argmax (a non-finite logit makes
+    the position's token count as changed). Per trial:
+
+    * ``token_sdc``: some greedy token differs from golden's;
+      ``token_sdc_rate``: the fraction of tokens that do;
+    * ``exact_match_lost``: some sequence golden got exactly right (every
+      token equal to ``targets``) no longer is; ``exact_match``: the
+      fraction of sequences exactly right;
+    * ``delta_ce``: mean token cross-entropy against ``targets`` minus
+      golden's, in float64 (+inf if a logit is non-finite).
+
+    Args:
+      targets: integer tokens ``[B, L]``.
+
+    Returns:
+      An outcome function for ``Campaign(..., outcomes=[...])``.
+
+    Raises:
+      ValueError: ``targets`` is not an integer array of rank 2.
+    """
+    targets = np.asarray(targets)
+    if targets.ndim != 2 or targets.dtype.kind not in "iu":
+        raise ValueError(f"targets must be integer tokens [batch, length], got "
+                         f"{targets.dtype}{list(targets.shape)}")
+
+    def outcomes(golden_output: np.ndarray, faulty: np.ndarray, labels: Any) -> dict[str, Any]:
+        if faulty.shape[:2] != targets.shape:
+            raise ValueError(f"sequence_outcomes: output {list(faulty.shape)} does not start with "
+                             f"the targets' shape {list(targets.shape)}")
+        gold, bad = golden_output.astype(np.float64), faulty.astype(np.float64)
+        finite = np.isfinite(bad).all(axis=-1)
+        changed = ~finite | (np.argmax(bad, axis=-1) != np.argmax(gold, axis=-1))
+        golden_exact = (np.argmax(gold, axis=-1) == targets).all(axis=1)
+        exact = finite.all(axis=1) & (np.argmax(bad, axis=-1) == targets).all(axis=1)
+        delta = _cross_entropy(bad, targets) - _cross_entropy(gold, targets) if finite.all() else np.inf
+        return {"token_sdc": bool(changed.any()), "token_sdc_rate": float(changed.mean()),
+                "exact_match_lost": bool((golden_exact & ~exact).any()),
+                "exact_match": float(exact.mean()), "delta_ce": float(delta)}
+
+    return outcomes
+
+
+def _cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Mean token cross-entropy of float64 ``logits`` [B, L, V] against ``targets`` [B, L]."""
+    top = logits.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]
+    picked = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return float((log_z - picked).mean())

@@ -4,6 +4,8 @@ Small models (any small NHWC input, e.g. 28x28x1): ``mlp``, ``cnn``, ``lenet5``,
 ``resnet8``, ``resnet20``. ImageNet-scale models with torchvision's layer
 shapes (224x224x3): ``alexnet``, ``vgg16``, ``resnet18``, ``resnet50``,
 ``mobilenet_v2``; ``jaxfi.models.convert`` loads torchvision weights into them.
+``jaxfi.models.transformer``: a small decoder-only transformer (layers under
+``nn.scan``) and a sorting task generated in code.
 
 Every model is called as ``model.apply(variables, x, train=False)`` and
 returns logits. A campaign wants a plain function of (params, inputs)::
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfi._src.extras import require
+from jaxfi.models import transformer
 from jaxfi.models.imagenet import VGG16, AlexNet, MobileNetV2
 from jaxfi.models.resnet import ResNet, ResNet18, ResNet50
 from jaxfi.models.small import CNN, MLP, LeNet5
@@ -49,6 +52,7 @@ __all__ = [
     "init_variables",
     "bind_inference",
     "param_count",
+    "transformer",
 ]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
