@@ -20,6 +20,11 @@ from jaxfi import training
 Log = Callable[[str], Any] | None
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Random ImageNet-shaped inputs made in code (no download), labelled by each
+# model's own fault-free prediction: the paper-scale path without the data.
+SYNTHETIC = "synthetic_imagenet"
+SYNTHETIC_SHAPE = (224, 224, 3)
+SYNTHETIC_CLASSES = 1000
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -33,7 +38,7 @@ class Subject:
       images: the evaluation inputs.
       labels: their labels.
       info: JSON-ready provenance (source, accuracy, size).
-      dtype: the storage format of the floating variables.
+      dtype: the storage format of the weights (``int8`` for a ``quantized`` subject).
     """
 
     name: str
@@ -53,10 +58,16 @@ class Subject:
 def load_subjects(names: Sequence[str], workdir: str | pathlib.Path, *,
                   dataset: str = data_lib.EMBEDDED, data_dir: str | None = None,
                   weights: str | None = None, eval_size: int = 256, seed: int = 0,
-                  epochs: int | None = None, log: Log = print) -> list[Subject]:
+                  epochs: int | None = None, batch_size: int | None = None,
+                  log: Log = print) -> list[Subject]:
     """The models ``names`` and an evaluation subset of ``eval_size`` test inputs.
 
-    Every model sees the same inputs, chosen by ``seed``.
+    Every model sees the same inputs, chosen by ``seed``. With ``dataset``
+    ``"synthetic_imagenet"`` (``SYNTHETIC``) the inputs are ``eval_size``
+    standard normal 224x224x3 images drawn with ``seed`` and each model's
+    labels are its own fault-free top-1 classes (golden accuracy 100%, so
+    the top-1 error of a trial is its share of changed classes); it needs
+    ``weights``.
 
     Args:
       names: model names from ``jaxfi.models.MODELS``.
@@ -69,17 +80,24 @@ def load_subjects(names: Sequence[str], workdir: str | pathlib.Path, *,
       eval_size: the number of test inputs.
       seed: chooses the test inputs.
       epochs: overrides each model's default training epochs.
+      batch_size: inputs per forward pass when labelling synthetic inputs
+        (None: all at once).
       log: where progress lines go (None: nowhere).
 
     Returns:
       One ``Subject`` per name.
 
     Raises:
-      ValueError: an unknown model or dataset, or ``eval_size`` out of range.
+      ValueError: an unknown model or dataset, ``eval_size`` out of range,
+        or synthetic inputs without ``weights``.
       FileNotFoundError: ``weights`` lacks a model's file.
     """
-    evaluation = data_lib.load(dataset, data_lib.eval_split(dataset), data_dir,
-                               num_examples=eval_size, seed=seed)
+    if dataset == SYNTHETIC and weights is None:
+        raise ValueError(f"dataset {SYNTHETIC!r} needs weights (a directory of torchvision state dicts): "
+                         "there is nothing to train on")
+    evaluation = (synthetic_images(eval_size, seed) if dataset == SYNTHETIC else
+                  data_lib.load(dataset, data_lib.eval_split(dataset), data_dir,
+                                num_examples=eval_size, seed=seed))
     subjects = []
     for name in names:
         if weights is None:
@@ -88,8 +106,68 @@ def load_subjects(names: Sequence[str], workdir: str | pathlib.Path, *,
             model, variables, info = _converted(name, weights, evaluation.num_classes)
         apply_fn, params = models_lib.bind_inference(model, variables)
         info["parameters"] = models_lib.param_count(params.get("params", params))
-        subjects.append(Subject(name, apply_fn, params, evaluation.images, evaluation.labels, info))
+        labels = (predict(apply_fn, params, evaluation.images, batch_size) if dataset == SYNTHETIC
+                  else evaluation.labels)
+        subjects.append(Subject(name, apply_fn, params, evaluation.images, labels, info))
     return subjects
+
+
+def synthetic_images(n: int, seed: int = 0) -> data_lib.Dataset:
+    """``n`` standard normal ImageNet-shaped images (224x224x3, float32) drawn with ``seed``, labels 0.
+
+    Standard normal, like ImageNet images after the usual per-channel
+    normalisation. Made in code: nothing is downloaded.
+
+    Raises:
+      ValueError: ``n`` below 1.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"the number of synthetic images must be a positive integer, got {n!r}")
+    images = np.random.default_rng(seed).standard_normal((n, *SYNTHETIC_SHAPE), dtype=np.float32)
+    return data_lib.Dataset(images, np.zeros(n, np.int32), SYNTHETIC_CLASSES, SYNTHETIC, "test")
+
+
+def predict(apply_fn: Callable[[Any, Any], Any], params: Any, images: np.ndarray,
+            batch_size: int | None = None) -> np.ndarray:
+    """The top-1 classes of ``apply_fn(params, images)``, ``batch_size`` inputs per forward pass.
+
+    Raises:
+      ValueError: ``batch_size`` below 1.
+    """
+    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    forward = jax.jit(apply_fn)
+    step = len(images) if batch_size is None else batch_size
+    return np.concatenate([np.asarray(jnp.argmax(forward(params, images[i:i + step]), axis=-1))
+                           for i in range(0, len(images), step)]).astype(np.int32)
+
+
+def accuracy(subject: Subject, batch_size: int | None = None) -> float:
+    """The fault-free top-1 accuracy of ``subject`` on its evaluation inputs."""
+    return float(np.mean(predict(subject.apply_fn, subject.params, subject.images, batch_size)
+                         == subject.labels))
+
+
+def quantized(subject: Subject) -> Subject:
+    """``subject`` with its kernels stored as int8 with per-channel float32 scales.
+
+    Post-training symmetric quantization (``jaxfi.models.quantized``): each
+    ``kernel`` becomes ``kernel_q`` (int8) and ``kernel_scale`` (float32 per
+    output channel), dequantized in the forward pass, so faults in
+    ``kernel_q`` hit the int8 storage. Biases and other leaves stay float32.
+
+    Returns:
+      A new subject with dtype ``"int8"``; its info adds the fault-free
+      accuracy of both versions on the subject's inputs.
+    """
+    from jaxfi.models import quantized as quantized_lib  # deferred: only the int8 study needs it
+
+    params = jax.tree.map(jnp.asarray, quantized_lib.quantize(subject.params))
+    apply_fn = quantized_lib.dequantized_apply(subject.apply_fn)
+    info = {**subject.info, "source": f"int8 quantization of {subject.info.get('source', subject.name)}",
+            "eval_accuracy_float32": accuracy(subject)}
+    result = dataclasses.replace(subject, apply_fn=apply_fn, params=params, info=info, dtype="int8")
+    return dataclasses.replace(result, info={**info, "eval_accuracy_int8": accuracy(result)})
 
 
 def _trained(name: str, workdir: str | pathlib.Path, dataset: str, data_dir: str | None,
