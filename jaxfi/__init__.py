@@ -46,7 +46,7 @@ from jaxfi._src.fault_aware import Optimizer, StepInfo, TrainState, fault_aware_
 from jaxfi._src.faults import BitFlip, Burst, Custom, FaultModel, RandomValue, StuckAt, Zero
 from jaxfi._src.inject import Record, inject, population_of, sample_faults
 from jaxfi._src.outcomes import Golden, sequence_outcomes
-from jaxfi._src.plan import Plan, Population
+from jaxfi._src.plan import FaultList, Plan, Population
 from jaxfi._src.protect import Bounds, record_bounds, restrict
 from jaxfi._src.record import record_table
 from jaxfi._src.sites import Activations, Inputs, ModuleOutput, Params, Selector, Site, param_sites
@@ -93,6 +93,7 @@ __all__ = [
     "iteration_name",
     # plans and injection
     "Plan",
+    "FaultList",
     "Population",
     "Record",
     "inject",

@@ -232,6 +232,9 @@ class Campaign:
         trials, chunk_size = _positive("trials", trials, 0), _positive("chunk_size", chunk_size, 1)
         if trials > MAX_TRIALS:
             raise ValueError(f"trials must be at most {MAX_TRIALS} (int32 trial indices), got {trials}")
+        listed = [len(p.faults) for p in self.plans if p.faults is not None]
+        if listed and trials > min(listed):
+            raise ValueError(f"trials={trials} exceeds the {min(listed)} trials of the plan's fault list")
         devices = _own(devices)
         layout = Layout.current(len(devices), min(chunk_size, max(trials, 1)))
         layout.agree("the campaign configuration", {
@@ -529,16 +532,17 @@ class _Session:
 
 def _fits(chosen: exec_lib.Executor, campaign: Campaign) -> bool:
     """Whether ``chosen`` can run ``campaign``: the grouped executor slices rows
-    (so no permanent plans) and needs ``on`` for microbatches."""
+    and draws faults itself (so no permanent or fault-list plans) and needs
+    ``on`` for microbatches."""
     if not isinstance(chosen, exec_lib.GroupedExecutor):
         return True
-    permanent = any(p.permanent for p in campaign.plans)
-    return not permanent and (len(campaign._spans) == 1 or callable(getattr(exec_lib.GroupedRunner, "on", None)))
+    special = any(p.permanent or p.faults is not None for p in campaign.plans)
+    return not special and (len(campaign._spans) == 1 or callable(getattr(exec_lib.GroupedRunner, "on", None)))
 
 
 def _check_fits(chosen: exec_lib.Executor, campaign: Campaign) -> None:
     if not _fits(chosen, campaign):
-        raise ValueError(f"executor {chosen.name!r} cannot run this campaign (permanent plans, or "
+        raise ValueError(f"executor {chosen.name!r} cannot run this campaign (permanent or fault-list plans, or "
                          "microbatches without Runner.on): use 'loop', 'map', 'vmap' or 'auto'")
 
 

@@ -305,13 +305,37 @@ def plan_faults(key: jax.Array, pop: Population) -> Faults:
     return sample_faults(plan_keys(key)[0], pop)
 
 
-def live_faults(key: jax.Array, pop: Population, live: jax.Array | None = None) -> Faults:
+class Live(NamedTuple):
+    """A trial's ``live`` flag with its index, which fault-list plans read."""
+
+    live: jax.Array
+    index: jax.Array
+
+
+def listed_faults(pop: Population, index: jax.Array) -> Faults:
+    """Trial ``index``'s faults from a fault-list population (none past its end)."""
+    site, flat, bit, valid = (jnp.asarray(a) for a in pop.listed)
+    inside = (index >= 0) & (index < site.shape[0])
+    row = jnp.clip(index, 0, site.shape[0] - 1)
+    valid = valid[row] & inside
+    return Faults(jnp.where(valid, site[row], -1), flat[row], bit[row], valid, jnp.asarray(False))
+
+
+def live_faults(key: jax.Array, pop: Population, live: jax.Array | Live | None = None) -> Faults:
     """``sample_faults``, with every fault dropped where ``live`` is False.
 
     A trial run with ``live=False`` is the golden run of the very program
-    that computes the trials: same operations, no fault lands.
+    that computes the trials: same operations, no fault lands. A fault-list
+    plan's faults come from the list, at the index a ``Live`` gives.
     """
-    faults = sample_faults(key, pop)
+    index = live.index if isinstance(live, Live) else None
+    live = live.live if isinstance(live, Live) else live
+    if pop.listed is None:
+        faults = sample_faults(key, pop)
+    elif index is None:
+        raise ValueError("a plan with a fault list needs the trial's index: run it in a jaxfi.Campaign")
+    else:
+        faults = listed_faults(pop, index)
     if live is None:
         return faults
     valid = faults.valid & live

@@ -8,8 +8,11 @@ the static cap on faults per trial.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import difflib
 import functools
+import hashlib
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +27,77 @@ from jaxfi._src.sites import Selector, Site
 # smallest count whose upper tail probability is below this.
 TAIL_PROBABILITY = 1e-13
 MAX_CAP = 200_000
+
+
+class FaultList:
+    """An explicit list of faults: trial ``i`` applies the faults of the list's ``i``-th trial.
+
+    Rows are (trial, site, index, bit): ``site`` a site name, ``index`` a flat
+    index or a multi-index into the site (its unit for a permanent plan) and
+    ``bit`` a bit position (ignored by value fault models). Trials are
+    numbered in the order of their first row (a trial label may be any
+    integer). Give it to ``Plan(faults=...)``; the plan's selector must
+    select every listed site, and its fault model says what a listed fault
+    does (``BitFlip()`` flips the listed bit). A ``Campaign`` then runs at
+    most ``len(fault_list)`` trials, with no randomness in where faults land.
+
+    Args:
+      rows: a DataFrame with columns ``site``, ``index`` and ``bit`` or
+        ``bits`` (a tuple of positions, one fault each) and optionally
+        ``trial`` (default: one trial per row), such as ``Result.faults()``
+        of one plan; or a sequence of (trial, site, index, bit) tuples.
+    """
+
+    def __init__(self, rows: Any):
+        self.rows = _fault_rows(rows)
+        self.trials = tuple(dict.fromkeys(r[0] for r in self.rows))
+        digest = hashlib.sha256(repr(self.rows).encode()).hexdigest()
+        self._repr = f"FaultList({len(self.rows)} faults, {len(self.trials)} trials, sha256 {digest})"
+
+    @classmethod
+    def exhaustive(cls, site: Site, bits: Sequence[int] | None = None) -> FaultList:
+        """One trial per (index, bit) of ``site``: every value, each of ``bits`` (all by default)."""
+        positions = range(site.format.width) if bits is None else tuple(bits)
+        pairs = ((i, b) for i in range(site.size) for b in positions)
+        return cls([(n, site.name, i, b) for n, (i, b) in enumerate(pairs)])
+
+    def __len__(self) -> int:
+        """Number of trials."""
+        return len(self.trials)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, FaultList) and self.rows == other.rows
+
+    def __hash__(self) -> int:
+        return hash(self.rows)
+
+    def __repr__(self) -> str:
+        return self._repr
+
+
+def _fault_rows(rows: Any) -> tuple[tuple[int, str, Any, int], ...]:
+    if hasattr(rows, "columns"):  # a DataFrame
+        missing = {"site", "index"} - set(rows.columns)
+        if missing or not {"bit", "bits"} & set(rows.columns):
+            raise ValueError(f"FaultList needs columns site, index and bit (or bits), got {list(rows.columns)}")
+        if "plan" in rows.columns and rows["plan"].nunique() > 1:
+            raise ValueError("FaultList takes the faults of one plan: select one, e.g. "
+                             "faults[faults.plan == 0]")
+        trial = rows["trial"] if "trial" in rows.columns else range(len(rows))
+        bits = rows["bits"] if "bits" in rows.columns else [(b,) for b in rows["bit"]]
+        rows = [(t, s, i, b) for t, s, i, bs in zip(trial, rows["site"], rows["index"], bits) for b in bs]
+    out = []
+    for row in rows:
+        if len(row) != 4:
+            raise ValueError(f"a FaultList row is (trial, site, index, bit), got {row!r}")
+        trial, site, index, bit = row
+        if not isinstance(site, str):
+            raise TypeError(f"a FaultList site must be a site name, got {site!r}")
+        index = tuple(int(i) for i in index) if isinstance(index, (tuple, list, np.ndarray)) else int(index)
+        out.append((int(trial), site, index, int(bit)))
+    if not out:
+        raise ValueError("FaultList needs at least one fault")
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +130,11 @@ class Plan:
     that draws random values or bits makes one draw per fault, shared by all
     inputs. Params faults are already the same for every input, so a
     permanent params plan is refused.
+
+    ``faults`` (a ``FaultList``) replaces sampling: trial ``i`` applies the
+    list's ``i``-th trial, so a campaign can be exhaustive, targeted or a
+    replay of another run's faults; leave ``count``, ``ber`` and
+    ``value_rate`` out.
     """
 
     sites: Selector
@@ -65,6 +144,7 @@ class Plan:
     value_rate: float | None = None
     max_faults: int | None = None
     permanent: bool = False
+    faults: FaultList | None = None
 
     def __post_init__(self):
         if not isinstance(self.sites, Selector):
@@ -72,6 +152,15 @@ class Plan:
         if not isinstance(self.fault, faults_lib.FaultModel):
             raise TypeError(f"Plan.fault must be a fault model, got {self.fault!r}")
         given = [f for f in ("count", "ber", "value_rate") if getattr(self, f) is not None]
+        if self.faults is not None:
+            if not isinstance(self.faults, FaultList):
+                raise TypeError(f"Plan.faults must be a jaxfi.FaultList, got {self.faults!r}")
+            if given or self.max_faults is not None:
+                raise ValueError(f"a plan with a fault list takes no {given or ['max_faults']}: "
+                                 "the list says how many faults each trial has")
+            per_trial = collections.Counter(r[0] for r in self.faults.rows)
+            object.__setattr__(self, "count", max(per_trial.values()))
+            given = ["count"]
         if len(given) > 1:
             raise ValueError(f"give only one of count, ber, value_rate; got {given}")
         if not given:
@@ -168,6 +257,7 @@ class Population:
     weights: tuple[int, ...]
     cap: int
     thresholds: np.ndarray | None
+    listed: tuple[np.ndarray, ...] | None = None
 
     @property
     def total(self) -> int:
@@ -203,6 +293,9 @@ def _population(plan: Plan, candidates: tuple[Site, ...]) -> Population:
                     for s, b in zip(sites, positions))
     total = sum(weights)
     rate = plan.ber if plan.ber is not None else plan.value_rate
+    if plan.faults is not None:
+        listed = _listed(plan, sites, positions)
+        return Population(plan, sites, tuple(positions), weights, plan.count, None, listed)
     if rate is None:
         if plan.count > total:
             raise ValueError(
@@ -211,6 +304,49 @@ def _population(plan: Plan, candidates: tuple[Site, ...]) -> Population:
         return Population(plan, sites, tuple(positions), weights, plan.count, None)
     cap, thresholds = _binomial_thresholds(total, rate, plan.max_faults)
     return Population(plan, sites, tuple(positions), weights, cap, thresholds)
+
+
+def _listed(plan: Plan, sites: Sequence[Site], positions: Sequence[Sequence[int]]) -> tuple[np.ndarray, ...]:
+    """A fault list as [trials, cap] arrays (site, index, bit, valid), each
+    trial's faults sorted by (site, index, bit) as drawn faults are."""
+    ids = {s.name: n for n, s in enumerate(sites)}
+    per_trial: dict[int, list[tuple[int, int, int]]] = {t: [] for t in plan.faults.trials}
+    for trial, name, index, bit in plan.faults.rows:
+        if name not in ids:
+            near = difflib.get_close_matches(name, list(ids), n=3, cutoff=0.4)
+            raise ValueError(f"FaultList site {name!r} is not selected by plan {plan.sites.describe()}; "
+                             f"close matches: {near or 'none'} (of {len(ids)} selected sites)")
+        site = sites[ids[name]]
+        per_trial[trial].append((ids[name], _flat_index(site, index), _bit(plan, site, positions[ids[name]], bit)))
+    table = np.zeros((4, len(per_trial), plan.count), np.int32)
+    for t, faults in enumerate(per_trial.values()):
+        faults = sorted(faults)
+        if len(set(faults)) < len(faults):
+            raise ValueError(f"FaultList trial {plan.faults.trials[t]} lists the same (site, index, bit) twice")
+        for k, fault in enumerate(faults):
+            table[:, t, k] = (*fault, 1)
+    return table[0], table[1], table[2], table[3].astype(bool)
+
+
+def _flat_index(site: Site, index: int | tuple[int, ...]) -> int:
+    if isinstance(index, tuple):
+        if len(index) != len(site.shape) or any(not 0 <= i < n for i, n in zip(index, site.shape)):
+            raise ValueError(f"FaultList index {index} is out of range for site {site.name!r} of "
+                             f"shape {site.shape}")
+        return int(np.ravel_multi_index(index, site.shape)) if site.shape else 0
+    if not 0 <= index < site.size:
+        raise ValueError(f"FaultList flat index {index} is out of range for site {site.name!r} "
+                         f"({site.size} values)")
+    return index
+
+
+def _bit(plan: Plan, site: Site, allowed: Sequence[int], bit: int) -> int:
+    if plan.granularity != "bit":
+        return 0
+    if bit not in allowed:
+        raise ValueError(f"FaultList bit {bit} of site {site.name!r} is not one that "
+                         f"{plan.fault!r} can hit on {site.dtype.name}: allowed {list(allowed)}")
+    return bit
 
 
 def units(sites: Sequence[Site]) -> tuple[Site, ...]:

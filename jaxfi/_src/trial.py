@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxfi._src import activations
-from jaxfi._src.inject import Record, inject_arrays, inject_params
+from jaxfi._src.inject import Live, Record, inject_arrays, inject_params
 from jaxfi._src.plan import Plan
 from jaxfi._src.sites import Site, param_sites, path_name
 
@@ -173,7 +174,8 @@ def trial_function(faulty_fn: Callable[..., Any]) -> Callable[..., Any]:
     index) runs the same program with no fault landing.
     """
     def trial(base_key: jax.Array, index: jax.Array, params: Any, inputs: Any):
-        return faulty_fn(trial_key(base_key, index), params, inputs, live=index >= 0)
+        index = jnp.asarray(index, jnp.int32)
+        return faulty_fn(trial_key(base_key, index), params, inputs, live=Live(index >= 0, index))
     return trial
 
 
