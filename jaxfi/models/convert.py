@@ -5,7 +5,9 @@ Save a torchvision model's weights once, where torch is installed, as either::
     safetensors.torch.save_file(tv_model.state_dict(), "resnet18.safetensors")
     np.savez("resnet18.npz", **{k: v.numpy() for k, v in tv_model.state_dict().items()})
 
-then ``from_torchvision(ResNet18(), "resnet18.safetensors")``. Conversion:
+then ``from_torchvision(ResNet18(), "resnet18.safetensors")``. ``to_torchvision``
+goes the other way (e.g. random weights in torchvision's layout for tests,
+or a jaxfi model's weights for torch). Conversion:
 conv weight OIHW -> kernel HWIO, linear weight (out, in) -> kernel (in, out),
 BatchNorm weight/bias/running_mean/running_var -> scale/bias/mean/var. The
 first classifier layer of AlexNet and VGG-16 also has its inputs reordered,
@@ -29,7 +31,7 @@ from jaxfi.models.resnet import ImageNetResNet
 
 nn = require("flax.linen", "models")
 
-__all__ = ["from_torchvision", "load_state_dict"]
+__all__ = ["from_torchvision", "load_state_dict", "to_torchvision"]
 
 Path = tuple[str, ...]
 _BN_FIELDS = (
@@ -91,6 +93,47 @@ def from_torchvision(
             f"unexpected keys {unexpected}"
         )
     return out
+
+
+def to_torchvision(model: nn.Module, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The torchvision state dict (numpy arrays, torch layout and key names) of ``model``'s ``variables``.
+
+    The inverse of ``from_torchvision``: ``from_torchvision(model,
+    to_torchvision(model, variables))`` gives ``variables`` back, and the
+    result can be saved with ``np.savez`` or ``safetensors.numpy.save_file``.
+    BatchNorm's ``num_batches_tracked`` is left out (it has no role at
+    inference).
+
+    Args:
+      model: an ``AlexNet``, ``VGG16``, ``ResNet18``, ``ResNet50`` or ``MobileNetV2``.
+      variables: its variables ``{'params', 'batch_stats'?}``, e.g. from
+        ``jaxfi.models.init_variables(model, (224, 224, 3))``.
+
+    Raises:
+      ValueError: unsupported model, or variables that lack one of the model's leaves.
+    """
+    torch_name, flatten_chw = _naming(model)
+    out: dict[str, np.ndarray] = {}
+    for path, leaves in _modules(variables["params"]):
+        for col, leaf, key, _ in _fields(path, leaves, torch_name(path), flatten_chw):
+            try:
+                value = np.asarray(functools.reduce(lambda tree, name: tree[name], (col, *path, leaf), variables))
+            except KeyError:
+                raise ValueError(f"variables lack {'/'.join((col, *path, leaf))} of {type(model).__name__}") from None
+            out[key] = _to_torch(path, value, flatten_chw) if leaf == "kernel" else value
+    return out
+
+
+def _to_torch(path: Path, kernel: np.ndarray, flatten_chw: Mapping[Path, int]) -> np.ndarray:
+    """A Flax kernel in torch layout: HWIO -> OIHW, (in, out) -> (out, in), HWC-flattened inputs -> CHW."""
+    if kernel.ndim == 4:
+        return kernel.transpose(3, 2, 0, 1)
+    if path in flatten_chw:
+        channels = flatten_chw[path]
+        side = int(round((kernel.shape[0] // channels) ** 0.5))
+        out = kernel.shape[1]
+        return kernel.T.reshape(out, side, side, channels).transpose(0, 3, 1, 2).reshape(out, -1)
+    return kernel.T
 
 
 def _fields(

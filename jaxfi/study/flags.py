@@ -32,6 +32,13 @@ EXECUTOR_HELP = (
     "compiling it (docs/study.md, Cost).")
 
 
+BATCH_HELP = (
+    "Evaluate each trial's --eval_size inputs this many at a time (microbatches, jaxfi.Campaign "
+    "batch_size): memory is bounded by one microbatch, results equal one batch where the model treats "
+    "inputs independently. Weight faults only: transient activation faults need the whole batch. "
+    "Default: all at once.")
+
+
 def check_rates(values: Sequence[str]) -> list[float]:
     """Bit error rates from flag strings.
 
@@ -162,6 +169,7 @@ class CommonFlags:
     chunk_size: Any
     seed: Any
     epochs: Any
+    batch_size: Any
 
     def load(self, **options: Any) -> tuple[pathlib.Path, list[Subject]]:
         """Joins the processes of the distributed flags, then creates the workdir and ``load_subjects``.
@@ -193,12 +201,14 @@ class CommonFlags:
 
     def _subjects(self, workdir: pathlib.Path, lead: bool, **options: Any) -> list[Subject]:
         return load_subjects(self.models.value, workdir, eval_size=self.eval_size.value, seed=self.seed.value,
-                             epochs=self.epochs.value, log=print if lead else None, **options)
+                             epochs=self.epochs.value, batch_size=self.batch_size.value,
+                             log=print if lead else None, **options)
 
     def sweep(self, jobs: Sequence[Job], root: str | pathlib.Path, trials: int | Target) -> list[Done]:
-        """``run_sweep`` with the seed, executor and chunk size of the flags (progress from process 0)."""
+        """``run_sweep`` with the seed, executor, chunk and batch size of the flags (progress from process 0)."""
         return run_sweep(jobs, root, trials=trials, seed=self.seed.value, executor=self.executor.value,
-                         chunk_size=self.chunk_size.value, log=print if jax.process_index() == 0 else None)
+                         chunk_size=self.chunk_size.value, batch_size=self.batch_size.value,
+                         log=print if jax.process_index() == 0 else None)
 
 
 def define_common_flags(*, eval_size: int, chunk_size: int, executor: str = "loop",
@@ -229,7 +239,8 @@ def define_common_flags(*, eval_size: int, chunk_size: int, executor: str = "loo
         executor=flags.DEFINE_string("executor", executor, EXECUTOR_HELP),
         chunk_size=flags.DEFINE_integer("chunk_size", chunk_size, chunk_help, lower_bound=1),
         seed=flags.DEFINE_integer("seed", 0, "Seed of the faults and of the evaluation subset."),
-        epochs=flags.DEFINE_integer("epochs", None, "Training epochs (default: per model).", lower_bound=1))
+        epochs=flags.DEFINE_integer("epochs", None, "Training epochs (default: per model).", lower_bound=1),
+        batch_size=flags.DEFINE_integer("batch_size", None, BATCH_HELP, lower_bound=1))
     validate("models", lambda names: check_choices(names, models.MODELS, "model"))
     validate("executor", check_executor)
     distributed.define_flags()

@@ -176,7 +176,8 @@ class Done:
 
 
 def run_sweep(jobs: Sequence[Job], root: str | pathlib.Path, *, trials: int | Target, seed: int,
-              executor: Any = "auto", chunk_size: int = 32, log: Log = print) -> list[Done]:
+              executor: Any = "auto", chunk_size: int = 32, batch_size: int | None = None,
+              log: Log = print) -> list[Done]:
     """Runs every job's campaign with a store under ``root``.
 
     Every campaign uses the same seed: trial ``i`` starts from the same key at
@@ -194,6 +195,8 @@ def run_sweep(jobs: Sequence[Job], root: str | pathlib.Path, *, trials: int | Ta
       executor: an executor name or object (``jaxfi.executors``); "auto"
         decides once per campaign, and its store keeps that choice.
       chunk_size: trials per stored chunk.
+      batch_size: evaluate each trial's inputs this many at a time
+        (``jaxfi.Campaign(batch_size=...)``; None: all at once).
       log: where one progress line per job goes (None: nowhere).
 
     Returns:
@@ -201,17 +204,19 @@ def run_sweep(jobs: Sequence[Job], root: str | pathlib.Path, *, trials: int | Ta
     """
     done = []
     for i, job in enumerate(jobs, start=1):
-        done.append(_run_job(job, pathlib.Path(root) / job.path, trials, seed, executor, chunk_size))
+        done.append(_run_job(job, pathlib.Path(root) / job.path, trials, seed, executor, chunk_size,
+                             batch_size))
         if log is not None:
             log(f"[{i}/{len(jobs)}] {job.path}: {_brief(done[-1])}")
     return done
 
 
 def _run_job(job: Job, path: pathlib.Path, trials: int | Target, seed: int, executor: Any,
-             chunk_size: int) -> Done:
+             chunk_size: int, batch_size: int | None = None) -> Done:
     began = time.perf_counter()
     campaign = jaxfi.Campaign(job.subject.apply_fn, job.subject.params, job.subject.images,
-                              job.subject.labels, job.plans, seed=seed, outcomes=(logit_deviation,))
+                              job.subject.labels, job.plans, seed=seed, outcomes=(logit_deviation,),
+                              batch_size=batch_size)
     stored = len(campaign.load(path)) if (path / "manifest.json").exists() else 0
     target = trials if isinstance(trials, Target) else None
     n: int | None = target.min_trials if target is not None else trials
