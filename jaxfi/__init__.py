@@ -52,6 +52,17 @@ from jaxfi._src.record import record_table
 from jaxfi._src.sites import Activations, Inputs, ModuleOutput, Params, Selector, Site, param_sites
 from jaxfi._src.stats import clopper_pearson, leveugle_sample_size, wilson
 from jaxfi._src.store import CorruptChunkError, Store
+from jaxfi._src.train_faults import (
+    TrainingCampaign,
+    TrainingGolden,
+    TrainingResult,
+    TrainingThresholds,
+    classify_training,
+    detector_scores,
+    faulty_value_and_grad,
+    spike_flags,
+    training_sites_table,
+)
 from jaxfi._src.trial import faulty, input_sites, sites_of
 
 __version__ = "0.1.0"
@@ -125,6 +136,16 @@ __all__ = [
     "StepInfo",
     "init_state",
     "fault_aware_step",
+    # faults during training
+    "TrainingCampaign",
+    "TrainingGolden",
+    "TrainingResult",
+    "TrainingThresholds",
+    "classify_training",
+    "detector_scores",
+    "faulty_value_and_grad",
+    "spike_flags",
+    "training_sites_table",
     "Bounds",
     "record_bounds",
     "restrict",

@@ -113,7 +113,7 @@ def fault_aware_step(loss_fn: LossFn, optimizer: Optimizer,
         value_and_grad = jax.value_and_grad(objective, has_aux=True)
         (loss, (model_state, records)), grads = value_and_grad(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = _apply_updates(state.params, updates)
+        params = apply_updates(state.params, updates)
         applied = jnp.isfinite(loss) & _all_finite(grads)
         # cond, not jnp.where: a select fuses with the ops that compute the new
         # state and changes their rounding (BatchNorm running means), so the
@@ -130,7 +130,7 @@ def _fault_free(loss_fn: LossFn) -> Callable[..., Any]:
     return lambda key, *args: (loss_fn(*args), ())
 
 
-def _apply_updates(params: Any, updates: Any) -> Any:
+def apply_updates(params: Any, updates: Any) -> Any:
     """``params + updates`` in each leaf's dtype, as ``optax.apply_updates`` computes it."""
     return jax.tree.map(lambda p, u: jnp.asarray(p + u).astype(jnp.asarray(p).dtype), params, updates)
 
