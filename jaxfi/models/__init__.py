@@ -4,6 +4,8 @@ Small models (any small NHWC input, e.g. 28x28x1): ``mlp``, ``cnn``, ``lenet5``,
 ``resnet8``, ``resnet20``. ImageNet-scale models with torchvision's layer
 shapes (224x224x3): ``alexnet``, ``vgg16``, ``resnet18``, ``resnet50``,
 ``mobilenet_v2``; ``jaxfi.models.convert`` loads torchvision weights into them.
+``jaxfi.models.quantized`` stores any model's kernels as int8 with per-channel
+scales, dequantized in the forward pass (faults in int8 storage).
 ``jaxfi.models.transformer``: a small decoder-only transformer (layers under
 ``nn.scan``) and a sorting task generated in code.
 
