@@ -8,6 +8,8 @@ bodies use only exact or correctly rounded float32 operations (a product by
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,11 +60,17 @@ def _every_row(h: np.ndarray, unit: int, mask: int) -> np.ndarray:
     return np.stack([_flip(row, unit, mask) for row in h])
 
 
+@functools.cache
+def _compiled(fn, plan, n_args: int):
+    g = jaxfi.faulty(fn, plan, params_argnum=None)
+    return g, jax.jit(jax.vmap(g, in_axes=(0,) + (None,) * n_args))
+
+
 def _run(fn, plan, *args, trials: int = TRIALS):
     """``trials`` trials of ``faulty(fn, plan)`` under jit(vmap); outputs and record as numpy."""
-    g = jaxfi.faulty(fn, plan, params_argnum=None)
+    g, batched = _compiled(fn, plan, len(args))
     keys = jax.random.split(jax.random.key(7), trials)
-    out, (record,) = jax.jit(jax.vmap(lambda k: g(k, *args)))(keys)
+    out, (record,) = batched(keys, *args)
     return jax.device_get(out), jax.device_get(record), g, keys
 
 
@@ -78,12 +86,19 @@ def _check_record(record, n: int, golden_h: np.ndarray, iterations: bool = True)
     return t, e, mask
 
 
-def test_scan_fault_hits_the_recorded_iteration_only():
-    plan = jaxfi.Plan(jaxfi.Activations(name=r"scan:0/jaxpr/add"), MANTISSA)
-    (site,) = jaxfi.sites_of(scanned, plan, XS, params_argnum=None)
+SCAN_PLAN = jaxfi.Plan(jaxfi.Activations(name=r"scan:0/jaxpr/add"), MANTISSA)
+
+
+@pytest.fixture(scope="module")
+def scan_trials():
+    return _run(scanned, SCAN_PLAN, XS)
+
+
+def test_scan_fault_hits_the_recorded_iteration_only(scan_trials):
+    (site,) = jaxfi.sites_of(scanned, SCAN_PLAN, XS, params_argnum=None)
     assert site.shape == (T, B, D) and site.iterations == T and site.trips == (T,)
     (_, golden_ys) = scanned_by_hand(XS)
-    out, record, _, _ = _run(scanned, plan, XS)
+    out, record, _, _ = scan_trials
     seen = set()
     for n in range(TRIALS):
         t, e, mask = _check_record(record, n, golden_ys / 2)
@@ -95,11 +110,10 @@ def test_scan_fault_hits_the_recorded_iteration_only():
     assert len(seen) > 1
 
 
-def test_vmap_and_jit_agree_with_single_trials():
-    plan = jaxfi.Plan(jaxfi.Activations(name=r"scan:0/jaxpr/add"), MANTISSA)
-    out, record, g, keys = _run(scanned, plan, XS, trials=4)
+def test_vmap_and_jit_agree_with_single_trials(scan_trials):
+    out, record, g, keys = scan_trials
     single = jax.jit(g)
-    for n in range(4):
+    for n in range(3):
         one_out, (one,) = jax.device_get(single(keys[n], XS))
         for a, b in zip(jax.tree.leaves((one_out, one)), jax.tree.leaves((out, record))):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[n])
@@ -170,23 +184,23 @@ def branches(x, which):
     return lax.switch(which, [lambda a: a * 0.5 + 1.0, lambda a: a * 2.0 + 1.0, lambda a: a + 3.0], x)
 
 
-@pytest.mark.parametrize("which", [0, 2])
-def test_switch_faults_land_in_the_branch_taken_only(which):
+def test_switch_faults_land_in_the_branch_taken_only():
     plan = jaxfi.Plan(jaxfi.Activations(name=r"cond:0/branches\d/add"), MANTISSA)
-    sites = jaxfi.sites_of(branches, plan, XS[0], which, params_argnum=None)
+    sites = jaxfi.sites_of(branches, plan, XS[0], 0, params_argnum=None)
     assert [s.name for s in sites] == [f"cond:0/branches{k}/add:0" for k in range(3)]
     assert all(s.conditional and s.control_flow == "cond" for s in sites)
-    out, record, _, _ = _run(branches, plan, XS[0], np.int32(which), trials=16)
-    golden = np.asarray(branches(XS[0], which))
-    landed = record.valid[:, 0]
-    assert landed.any() and not landed.all()
-    for n in range(16):
-        if landed[n]:
-            assert record.site[n, 0] == which
-            want = _flip(golden, int(record.index[n, 0]), int(record.mask[n, 0]))
-        else:
-            want = golden
-        np.testing.assert_array_equal(_bits(out[n]), _bits(want))
+    for which in (0, 2):
+        out, record, _, _ = _run(branches, plan, XS[0], np.int32(which), trials=16)
+        golden = np.asarray(branches(XS[0], which))
+        landed = record.valid[:, 0]
+        assert landed.any() and not landed.all()
+        for n in range(16):
+            if landed[n]:
+                assert record.site[n, 0] == which
+                want = _flip(golden, int(record.index[n, 0]), int(record.mask[n, 0]))
+            else:
+                want = golden
+            np.testing.assert_array_equal(_bits(out[n]), _bits(want))
 
 
 def _affine(a):
@@ -201,17 +215,23 @@ def _custom(a):
 _custom.defvjp(lambda a: (_custom(a), None), lambda _, ct: (ct * 0.5,))
 
 
-@pytest.mark.parametrize("wrap", [jax.checkpoint, lambda f: _custom], ids=["remat", "custom_vjp"])
-def test_remat_and_custom_vjp_bodies_are_sites(wrap):
-    fn = wrap(_affine)
+def remat_and_custom(x):
+    return jax.checkpoint(_affine)(x), _custom(x)
+
+
+def test_remat_and_custom_vjp_bodies_are_sites():
     plan = jaxfi.Plan(jaxfi.Activations(name="add"), MANTISSA)
-    (site,) = jaxfi.sites_of(fn, plan, XS[0], params_argnum=None)
-    assert not site.control_flow and site.shape == (B, D)
-    out, record, _, _ = _run(fn, plan, XS[0], trials=4)
+    sites = jaxfi.sites_of(remat_and_custom, plan, XS[0], params_argnum=None)
+    assert [s.name for s in sites] == ["add:0", "add:1"]
+    assert all(not s.control_flow and s.shape == (B, D) for s in sites)
+    out, record, _, _ = _run(remat_and_custom, plan, XS[0], trials=8)
     golden = XS[0] * np.float32(0.5) + np.float32(1.0)
-    for n in range(4):
+    assert set(record.site[:, 0]) == {0, 1}
+    for n in range(8):
+        hit = int(record.site[n, 0])
         want = _flip(golden, int(record.index[n, 0]), int(record.mask[n, 0]))
-        np.testing.assert_array_equal(_bits(out[n]), _bits(want))
+        np.testing.assert_array_equal(_bits(out[hit][n]), _bits(want))
+        np.testing.assert_array_equal(_bits(out[1 - hit][n]), _bits(golden))
 
 
 def nested(xs):
@@ -269,9 +289,9 @@ def layer_campaign():
 
 def test_executors_agree_on_loop_sites(layer_campaign):
     tables = {name: layer_campaign.run(trials=12, executor=name, chunk_size=5, quiet=True)
-              for name in ("loop", "map", "vmap")}
+              for name in ("loop", "vmap")}
     reference = tables["loop"].table.drop(columns=["program"], errors="ignore")
-    for name in ("map", "vmap"):
+    for name in ("vmap",):
         other = tables[name].table.drop(columns=["program"], errors="ignore")
         assert other.equals(reference), name
     (site,) = layer_campaign.sites[0]
