@@ -335,7 +335,8 @@ class TrainingCampaign:
         self.params, self.batches, self.seed = params, batches, int(seed)
         self.opt_state = optimizer.init(params) if opt_state is None else opt_state
         self.metric_fn = metric_fn
-        self.base_key = jax.random.key(self.seed)
+        # Raw key data, not a key: a closed-over constant the program fingerprint can hash.
+        self._key_data = jax.random.key_data(jax.random.key(self.seed))
         self._step = _Step(loss_fn, optimizer, self.plans)
         self.sites = tuple(self._sites(loss_fn))
 
@@ -412,6 +413,11 @@ class TrainingCampaign:
         return TrialOutput(s, curve(golden.losses, loss0, losses, ran), curve(golden.grad_norms, norm0, norms, ran),
                            self.metric_fn(final[0]).astype(jnp.float32), _same(final, final_golden),
                            stopped.astype(jnp.int32), records)
+
+    @property
+    def base_key(self) -> jax.Array:
+        """The campaign key; trial ``i`` uses ``fold_in(base_key, i)``."""
+        return jax.random.wrap_key_data(self._key_data)
 
     @functools.cached_property
     def _golden_program(self) -> Callable[..., Any]:
@@ -511,13 +517,15 @@ class TrainingCampaign:
             raise ValueError(f"n_trials must be a positive integer, got {n_trials!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        self._check_golden_trial()
         db = Store(store, self.config) if store is not None else None
+        self._check_golden_trial(chunk_size)
         todo = db.missing(n_trials) if db is not None else [(0, n_trials)]
         chunks = [(a, min(a + chunk_size, b)) for a, b in todo for a in range(a, b, chunk_size)]
         parts = {}
         for k, (a, b) in enumerate(chunks):
-            columns = _columns(self.run_trials(range(a, b)))
+            # Padded with golden trials (they stop after one step) so that one program serves every chunk.
+            padded = list(range(a, b)) + [GOLDEN_INDEX] * (chunk_size - (b - a))
+            columns = {k: v[:b - a] for k, v in _columns(self.run_trials(padded)).items()}
             if db is not None:
                 db.write_chunk(a, b, columns)
             parts[a] = columns
@@ -531,8 +539,8 @@ class TrainingCampaign:
             arrays["trial"] = np.arange(n_trials)
         return TrainingResult(arrays, self.golden, self.sites)
 
-    def _check_golden_trial(self) -> None:
-        out = self.run_trials([GOLDEN_INDEX])
+    def _check_golden_trial(self, chunk_size: int) -> None:
+        out = self.run_trials([GOLDEN_INDEX] * chunk_size)
         g = self.golden
         if not (bool(out.identical[0]) and same_bits(out.losses[0], g.losses)):
             raise RuntimeError("the trial program does not reproduce the golden run bit for bit on this "
@@ -581,7 +589,8 @@ class TrainingThresholds:
 
 
 def classify_training(losses: np.ndarray, golden_losses: np.ndarray, metric: np.ndarray, golden_metric: float,
-             identical: np.ndarray, fault_step: np.ndarray, thresholds: TrainingThresholds = TrainingThresholds()) -> np.ndarray:
+                      identical: np.ndarray, fault_step: np.ndarray,
+                      thresholds: TrainingThresholds = TrainingThresholds()) -> np.ndarray:
     """The outcome class of each trial, in this order of precedence:
 
     * ``immediate_inf_nan``: a non-finite loss within ``window`` steps from the fault step;

@@ -1,0 +1,234 @@
+"""Tests for faults during training: site names, a backward fault against the hand-derived
+gradient, campaigns against independent runs, the store, outcome classes and the detector."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxfi
+
+
+def two_layer(params, x):
+    """y = W2 relu(W1 x), each layer in its own scope so that sites are named by layer."""
+    with jax.named_scope("layer1"):
+        h = jax.nn.relu(x @ params["w1"])
+    with jax.named_scope("layer2"):
+        return h @ params["w2"]
+
+
+def sq_loss(params, batch):
+    x, y = batch
+    return 0.5 * jnp.sum((two_layer(params, x) - y) ** 2)
+
+
+def mlp_loss(params, batch):
+    """A two-layer tanh regression for campaigns."""
+    x, y = batch
+    with jax.named_scope("hidden"):
+        h = jnp.tanh(x @ params["w1"] + params["b1"])
+    with jax.named_scope("out"):
+        return jnp.mean((h @ params["w2"] - y) ** 2)
+
+
+def neg_loss_metric(x, y):
+    return lambda params: -mlp_loss(params, (x, y))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """Params, 12 batches of 8 and an evaluation set for ``mlp_loss``."""
+    k = jax.random.split(jax.random.key(3), 6)
+    params = {"w1": jax.random.normal(k[0], (6, 8)) / 2, "b1": jnp.zeros(8),
+              "w2": jax.random.normal(k[1], (8, 2)) / 3}
+    batches = (jax.random.normal(k[2], (12, 8, 6)), jax.random.normal(k[3], (12, 8, 2)))
+    evaluation = (jax.random.normal(k[4], (32, 6)), jax.random.normal(k[5], (32, 2)))
+    return params, batches, evaluation
+
+
+def campaign(toy, *plans, seed=0):
+    params, batches, (ex, ey) = toy
+    return jaxfi.TrainingCampaign(mlp_loss, params, optax.adam(0.05), batches, *plans,
+                                  metric_fn=neg_loss_metric(ex, ey), fault_steps=(3, 10), seed=seed)
+
+
+# ----------------------------------------------------------------------------- sites
+
+
+def test_training_site_names_cover_all_kinds():
+    params = {"w1": jnp.ones((5, 4)), "w2": jnp.ones((4, 3))}
+    batch = (jnp.ones((1, 5)), jnp.ones((1, 3)))
+    table = jaxfi.training_sites_table(sq_loss, params, optax.adam(0.1).init(params), batch)
+    assert list(table["kind"].unique()) == ["forward", "backward", "weights", "optimizer"]
+    names = set(table["name"])
+    assert {"forward/layer1/dot_general:0", "forward/layer2/dot_general:0", "weights/w1", "optimizer/count",
+            "optimizer/mu/w1", "optimizer/nu/w2"} <= names
+    backward = table[table["kind"] == "backward"]
+    # The transpose of layer2's matmul gives dh [1, 4] and dW2 (as [3, 4], then a transpose to [4, 3]).
+    layer2 = backward[backward["name"].str.startswith("backward/layer2/")]
+    assert sorted(zip(layer2["primitive"], map(tuple, layer2["shape"]))) == [
+        ("dot_general", (1, 4)), ("dot_general", (3, 4)), ("transpose", (4, 3))]
+    assert table["name"].is_unique
+
+
+def test_backward_fault_changes_exactly_the_hand_derived_gradient():
+    # Small integers: every product and sum below is exact in float32, so numpy and XLA agree bitwise.
+    x = np.array([[1.0, -2.0, 3.0, 1.0, 2.0]], np.float32)
+    w1 = np.array([[1, -1, 2, 1], [0, 1, 1, -1], [1, 2, -1, 1], [2, 0, 1, 1], [-1, 1, 0, 2]], np.float32)
+    w2 = np.array([[1, 2, -1], [2, -1, 1], [-1, 1, 2], [1, 1, 1]], np.float32)
+    y = np.array([[1.0, -3.0, 2.0]], np.float32)
+    params = {"w1": jnp.asarray(w1), "w2": jnp.asarray(w2)}
+    z = x @ w1
+    assert np.all(z != 0)  # relu'(0) never matters
+    h = np.maximum(z, 0)
+    dy = h @ w2 - y
+    dh = dy @ w2.T  # the cotangent of the hidden activation
+    table = jaxfi.training_sites_table(sq_loss, params, (), (x, y))
+    (dh_site,) = table[(table["kind"] == "backward") & table["name"].str.startswith("backward/layer2/")
+                       & (table["shape"] == (1, 4))]["name"]
+    plan = jaxfi.Plan(jaxfi.Activations(name=f"^{dh_site}$"), jaxfi.BitFlip(bits=(20,)))
+    g = jax.jit(jaxfi.faulty_value_and_grad(sq_loss, plan))
+    (loss, grads), (rec,) = g(jax.random.split(jax.random.key(7), 1), params, (x, y))
+    i = int(rec.index[0])
+    assert bool(rec.valid[0]) and int(rec.mask[0]) == 1 << 20
+    assert int(rec.before[0]) == int(dh[0, i:i + 1].view(np.uint32)[0])
+    faulty_dh = dh.copy()
+    faulty_dh.view(np.uint32)[0, i] ^= np.uint32(1 << 20)
+    assert int(rec.after[0]) == int(faulty_dh[0, i:i + 1].view(np.uint32)[0])
+    # Batch 1: each gradient entry is a single product (signed zeros included), as XLA computes it.
+    expected_w1 = x.T * np.where(z > 0, faulty_dh, np.float32(0))
+    expected_w2 = h.T * dy  # upstream of the fault: unchanged
+    np.testing.assert_array_equal(np.asarray(grads["w1"]).view(np.uint32), expected_w1.view(np.uint32))
+    np.testing.assert_array_equal(np.asarray(grads["w2"]).view(np.uint32), expected_w2.view(np.uint32))
+    assert float(loss) == float(0.5 * np.sum(dy ** 2))
+    assert not np.array_equal(expected_w1, x.T * np.where(z > 0, dh, np.float32(0)))  # the fault changed dW1
+
+
+def test_unknown_training_site_is_an_error(toy):
+    with pytest.raises(ValueError, match="matches no"):
+        campaign(toy, jaxfi.Plan(jaxfi.Activations(name="^backward/nowhere/")))
+    with pytest.raises(ValueError, match="Params .*or Activations"):
+        campaign(toy, jaxfi.Plan(jaxfi.Inputs()))
+    with pytest.raises(ValueError, match="at least one plan"):
+        campaign(toy)
+
+
+def test_bad_campaign_arguments(toy):
+    params, batches, (ex, ey) = toy
+    plan = jaxfi.Plan(jaxfi.Params(name="^weights/"))
+    with pytest.raises(ValueError, match="fault_steps"):
+        jaxfi.TrainingCampaign(mlp_loss, params, optax.sgd(0.1), batches, plan,
+                               metric_fn=neg_loss_metric(ex, ey), fault_steps=(5, 13))
+    with pytest.raises(ValueError, match="leading step axis"):
+        jaxfi.TrainingCampaign(mlp_loss, params, optax.sgd(0.1), (batches[0], batches[1][:5]), plan,
+                               metric_fn=neg_loss_metric(ex, ey))
+    with pytest.raises(ValueError, match="n_trials"):
+        campaign(toy, plan).run(0)
+
+
+# ----------------------------------------------------------------------------- campaigns
+
+
+def check_against_independent(c, result, indices):
+    golden_final = jax.tree.map(lambda x: x[-1], c.golden.states)
+    for i in indices:
+        losses, norms, final, records = c.independent(i)
+        stop = result.arrays["stopped"][i]
+        upto = c.steps if stop < 0 else stop + 1
+        np.testing.assert_array_equal(result.losses[i, :upto].view(np.uint32), losses[:upto].view(np.uint32))
+        np.testing.assert_array_equal(result.arrays["grad_norms"][i, :upto], norms[:upto])
+        if upto < c.steps:  # stopped: failed (all NaN after) or rejoined golden (golden after)
+            tail = result.losses[i, upto:]
+            assert np.all(np.isnan(tail)) or np.array_equal(tail, c.golden.losses[upto:])
+            if not np.all(np.isnan(tail)):
+                np.testing.assert_array_equal(tail, losses[upto:])
+        assert bool(result.arrays["identical"][i]) == jaxfi._src.trial.same_bits(final, golden_final)
+        for j, rec in enumerate(records):
+            for field in jaxfi.Record._fields:
+                np.testing.assert_array_equal(result.arrays[f"p{j}_{field}"][i], np.asarray(getattr(rec, field)))
+
+
+@pytest.fixture(scope="module")
+def activation_campaign(toy):
+    plans = (jaxfi.Plan(jaxfi.Activations(name="^backward/out/")),
+             jaxfi.Plan(jaxfi.Activations(name="^forward/hidden/")))
+    c = campaign(toy, *plans)
+    return c, c.run(6, chunk_size=6)
+
+
+def test_vectorized_trials_equal_independent_runs(activation_campaign):
+    c, result = activation_campaign
+    assert result.losses.shape == (6, 12) and result.losses.dtype == np.float32
+    assert np.all((result.arrays["fault_step"] >= 3) & (result.arrays["fault_step"] < 10))
+    assert result.arrays["p0_valid"].sum() == 6 and result.arrays["p1_valid"].sum() == 6
+    assert all(name.startswith("backward/out/") for name in result.sites[0])
+    assert all(name.startswith("forward/hidden/") for name in result.sites[1])
+    check_against_independent(c, result, range(6))
+    table = result.table()
+    assert set(table["outcome"]) <= set(["masked", "immediate_inf_nan", "slow_degrade", "recovered"])
+    assert all(s.startswith("backward/") for s in table["site"])
+
+
+def test_state_faults_equal_independent_runs_and_fail_fast(toy):
+    # Flipping an exponent's top bit in Adam's state makes values huge or inf: most runs fail.
+    c = campaign(toy, jaxfi.Plan(jaxfi.Params(name="^optimizer/(mu|nu)/"), jaxfi.BitFlip(bits=(30,))))
+    result = c.run(6, chunk_size=6)
+    check_against_independent(c, result, range(6))
+    outcomes = result.outcomes()
+    assert np.sum(outcomes != "masked") >= 3
+    failed = outcomes == "immediate_inf_nan"
+    assert np.all(result.arrays["stopped"][failed] >= result.arrays["fault_step"][failed])
+
+
+def test_store_resumes_and_refuses_another_campaign(toy, activation_campaign, tmp_path):
+    c, whole = activation_campaign
+    c.run(4, store=tmp_path / "s", chunk_size=6)
+    resumed = c.run(6, store=tmp_path / "s", chunk_size=6)  # computes trials 4 and 5 only (a padded chunk)
+    for name, column in whole.arrays.items():
+        np.testing.assert_array_equal(resumed.arrays[name], column, err_msg=name)
+    other = campaign(toy, *c.plans, seed=1)
+    with pytest.raises(ValueError, match="different config"):
+        other.run(2, store=tmp_path / "s")
+
+
+# ----------------------------------------------------------------------------- outcomes
+
+
+def test_outcomes_are_classified_as_defined():
+    golden = np.ones(10, np.float32)
+    curves = np.ones((8, 10), np.float32)
+    curves[1, 6:] = 1.0001  # tiny deviation, metric within tolerance: masked
+    curves[2, 6] = np.nan  # non-finite 2 steps after the fault: immediate
+    curves[3, 5:] = 2.0  # deviates and ends worse: slow degrade
+    curves[4, 5] = 3.0  # spike, then back, final metric fine: recovered
+    curves[5, 9] = np.inf  # non-finite after the window, metric fine: recovered
+    curves[6, 9] = np.nan  # ... and metric NaN: slow degrade
+    curves[7, 1] = 5.0  # deviation before the fault step does not count
+    metric = np.array([0.9, 0.895, 0.9, 0.8, 0.9, 0.9, np.nan, 0.9])
+    identical = np.array([True] + [False] * 7)
+    fault_step = np.array([4, 4, 4, 4, 4, 2, 2, 4])
+    got = jaxfi.classify_training(curves, golden, metric, 0.9, identical, fault_step, jaxfi.TrainingThresholds())
+    assert list(got) == ["masked", "masked", "immediate_inf_nan", "slow_degrade", "recovered", "recovered",
+                         "slow_degrade", "masked"]
+    tight = jaxfi.TrainingThresholds(tolerance=0.001)
+    assert jaxfi.classify_training(curves, golden, metric, 0.9, identical, fault_step, tight)[1] == "slow_degrade"
+
+
+def test_spike_detector_flags_jumps_and_scores():
+    values = np.ones((3, 12))
+    values[0, 8] = 11.0  # above 10x the median of the previous 4
+    values[1, 8] = 9.0  # below
+    values[2, 2] = np.nan  # non-finite: flagged even without history
+    flags = jaxfi.spike_flags(values, factor=10.0, window=4)
+    assert flags.tolist()[0] == [False] * 8 + [True] + [False] * 3
+    assert not flags[1].any()
+    assert np.flatnonzero(flags[2]).tolist() == [2]
+    scores = jaxfi.detector_scores(flags, np.array([5, 5, 5]), np.array(["slow_degrade", "masked", "recovered"]))
+    by = scores.set_index("group")
+    assert by.loc["slow_degrade", "detected"] == 1 and by.loc["recovered", "detected"] == 0  # flag before fault
+    assert by.loc["recall (all non-masked)", "rate"] == 0.5 and by.loc["false alarms (masked)", "detected"] == 0
+    with pytest.raises(ValueError, match="factor"):
+        jaxfi.spike_flags(values, factor=1.0)
+    with pytest.raises(ValueError, match="window"):
+        jaxfi.spike_flags(values, window=0)
