@@ -504,7 +504,7 @@ def run_with_faults(fn: Callable[..., Any], args: Sequence[Any], plans: Sequence
         return out, [inj.record(p) for inj, p in zip(injections, parts)]
 
 
-def activation_sites(fn: Callable[..., Any], *args, integers: bool = False,
+def activation_sites(fn: Callable[..., Any], *args: Any, integers: bool = False,
                      iterations: int | None = None) -> list[ActivationSite]:
     """Every candidate intermediate value of ``fn(*args)``, in program order.
 
