@@ -53,6 +53,7 @@ from jaxfi._src.sites import Activations, Inputs, ModuleOutput, Params, Selector
 from jaxfi._src.stats import clopper_pearson, leveugle_sample_size, wilson
 from jaxfi._src.store import CorruptChunkError, Store
 from jaxfi._src.train_faults import (
+    TRAINING_OUTCOMES,
     TrainingCampaign,
     TrainingGolden,
     TrainingResult,
@@ -137,6 +138,7 @@ __all__ = [
     "init_state",
     "fault_aware_step",
     # faults during training
+    "TRAINING_OUTCOMES",
     "TrainingCampaign",
     "TrainingGolden",
     "TrainingResult",

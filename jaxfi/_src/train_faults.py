@@ -62,7 +62,7 @@ from jaxfi._src.trial import GOLDEN_INDEX, plan_key, same_bits, trial_key
 from jaxfi._src.version import __version__
 
 KINDS = ("forward", "backward", "weights", "optimizer")
-OUTCOMES = ("masked", "immediate_inf_nan", "slow_degrade", "recovered")
+TRAINING_OUTCOMES = ("masked", "immediate_inf_nan", "slow_degrade", "recovered")
 
 # An equation's scope under value_and_grad: "jvp(MLP)/fc1" forward, "transpose(jvp(MLP))/fc1" backward.
 _BACKWARD = re.compile(r"^transpose\(jvp\(([^()]*)\)\)(?:/|$)")
@@ -612,7 +612,7 @@ def classify_training(losses: np.ndarray, golden_losses: np.ndarray, metric: np.
       thresholds: the window, tolerance and deviation.
 
     Returns:
-      [trials] array of names from ``OUTCOMES``.
+      [trials] array of names from ``TRAINING_OUTCOMES``.
     """
     losses, metric = np.asarray(losses, np.float64), np.asarray(metric, np.float64)
     t = np.arange(losses.shape[1])[None, :]
@@ -680,7 +680,7 @@ def detector_scores(flags: np.ndarray, fault_step: np.ndarray, outcome: np.ndarr
     t = np.arange(flags.shape[1])[None, :]
     detected = np.any(flags & (t >= np.asarray(fault_step)[:, None]), axis=1)
     outcome = np.asarray(outcome)
-    groups = [(o, outcome == o) for o in OUTCOMES if o != "masked"]
+    groups = [(o, outcome == o) for o in TRAINING_OUTCOMES if o != "masked"]
     groups += [("recall (all non-masked)", outcome != "masked"), ("false alarms (masked)", outcome == "masked")]
     rows = []
     for name, mask in groups:
@@ -741,7 +741,7 @@ class TrainingResult:
         groups = [("all", table)] if by is None else list(table.groupby(by, sort=True))
         rows = []
         for key, part in groups:
-            for o in OUTCOMES:
+            for o in TRAINING_OUTCOMES:
                 k, n = int((part["outcome"] == o).sum()), len(part)
                 lo, hi = stats_lib.wilson(k, n, confidence)
                 rows.append({"group": key, "outcome": o, "count": k, "trials": n, "share": k / n, "lo": lo, "hi": hi})
