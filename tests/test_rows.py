@@ -61,12 +61,14 @@ def setup():
 
 
 def _program(fn, params, x, plans):
-    """A RowProgram over the row sites of every plan, and the plain faulty trial."""
+    """A RowProgram over the row sites of every plan (no incremental layers: they
+    round differently), and the plain faulty trial."""
     rowed = row_sites(fn, params, x)
     pops = [p.population(tuple(sites_of(fn, p, params, x))) for p in plans]
     only = [frozenset(s for s, site in enumerate(pop.sites) if p.kind == "params" or site.name in rowed)
             for p, pop in zip(plans, pops)]
-    return RowProgram(fn, params, x, plans, pops, only), jax.jit(restricted(fn, plans, only))
+    program = RowProgram(fn, params, x, plans, pops, only, incremental=False)
+    return program, jax.jit(restricted(fn, plans, only))
 
 
 def _batches(program, params, golden, primitive: str = "conv_general_dilated") -> list[int]:
@@ -211,17 +213,17 @@ def test_take_and_put_rows_keep_signalling_nans():
     assert np.asarray(back).view(np.uint16).tolist() == [raw[0].tolist(), [0, 0], raw[2].tolist()]
 
 
-def _incremental(params, x, plan, corrected: str, seed: int) -> RowProgram:
-    """A one-site RowProgram of ``plan``: it corrects ``corrected`` incrementally,
-    draws the plain trial's records bit for bit and stays within float rounding
-    of its outputs (non-finite exactly where they are) over eight trials."""
-    pops = [plan.population(tuple(sites_of(convnet, plan, params, x)))]
-    program = RowProgram(convnet, params, x, (plan,), pops, (frozenset({0}),))
-    assert program.corrected == (corrected,)
+def _incremental(params, x, plan, corrected: str, seed: int, fn=convnet, trials: int = 8) -> RowProgram:
+    """A RowProgram of ``plan`` over all its sites: it corrects ``corrected``
+    incrementally, draws the plain trial's records bit for bit and stays
+    within float rounding of its outputs (non-finite exactly where they are)."""
+    pops = [plan.population(tuple(sites_of(fn, plan, params, x)))]
+    program = RowProgram(fn, params, x, (plan,), pops, (frozenset(range(len(pops[0].sites))),))
+    assert program.corrected == corrected
     golden = program.golden(params, x)
-    reference = jax.jit(jaxfi.faulty(convnet, plan))
+    reference = jax.jit(jaxfi.faulty(fn, plan))
     trial = jax.jit(program.trial)
-    for i in range(8):
+    for i in range(trials):
         key = jax.random.fold_in(jax.random.key(seed), i)
         (out, records), (expected, expected_records) = trial(key, params, golden), reference(key, params, x)
         assert ex.same_bits(records, expected_records)
@@ -236,7 +238,7 @@ def test_incremental_dense_layers_add_the_changed_weights_terms(setup):
     no matmul with the faulty weight, and results within float rounding."""
     params, x = setup
     plan = jaxfi.Plan(jaxfi.Params("w$"), jaxfi.BitFlip(bits="mantissa"), count=2)
-    program = _incremental(params, x, plan, "dot_general", 11)
+    program = _incremental(params, x, plan, ("dot_general",), 11)
     assert _batches(program, params, program.golden(params, x), "dot_general") == []
     pops = [plan.population(tuple(sites_of(convnet, plan, params, x)))]
     recomputing = RowProgram(convnet, params, x, (plan,), pops, (frozenset({0}),), incremental=False)
@@ -249,4 +251,29 @@ def test_incremental_convolutions_add_the_changed_kernel_elements(setup):
     trials overflow to inf, which must stay non-finite)."""
     params, x = setup
     _incremental(params, x, jaxfi.Plan(jaxfi.Params("^conv$"), jaxfi.BitFlip(bits="exponent"), count=3),
-                 "conv_general_dilated", 12)
+                 ("conv_general_dilated",), 12)
+
+
+def two_convs(params, x):
+    """Conv (16 channels), ReLU, conv (8 channels, VALID), flatten, dense, tanh."""
+    dn = ("NHWC", "HWIO", "NHWC")
+    h = jax.nn.relu(lax.conv_general_dilated(x, params["c1"], (1, 1), "SAME", dimension_numbers=dn))
+    h = lax.conv_general_dilated(h, params["c2"], (1, 1), "VALID", dimension_numbers=dn)
+    return jnp.tanh(h.reshape(h.shape[0], -1) @ params["w"])
+
+
+def test_layers_after_a_fault_update_the_golden_result_where_few_input_features_changed():
+    """A fault in c1 changes one of c2's 16 input channels: c2 is its golden
+    result plus that channel's terms; a fault in c2 changes 4 of the dense
+    layer's 32 inputs: the same there. c2's own faulted weights are corrected
+    inside that update (it is not a golden-input correction)."""
+    k = jax.random.split(jax.random.key(5), 3)
+    params = {"c1": jax.random.normal(k[0], (3, 3, 1, 16)), "c2": jax.random.normal(k[1], (3, 3, 16, 8)) / 4,
+              "w": jax.random.normal(k[2], (32, 5)) / 4}
+    x = jax.random.normal(jax.random.key(6), (BATCH, 4, 4, 1))
+    plan = jaxfi.Plan(jaxfi.Params("^c"), jaxfi.BitFlip(bits="mantissa"), count=1)
+    program = _incremental(params, x, plan, ("conv_general_dilated",), 13, two_convs, 16)
+    assert program.sparse == ("conv_general_dilated", "dot_general")
+    golden = program.golden(params, x)
+    no_fault = jax.jit(program.trial)(jax.random.key(0), params, golden, live=False)[0]
+    assert ex.same_bits(no_fault, jax.jit(two_convs)(params, x))

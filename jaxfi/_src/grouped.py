@@ -26,6 +26,7 @@ nearest split point before it. Programs compile when a group first appears.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import zlib
@@ -157,10 +158,12 @@ class GroupedRunner:
         self._args = jax.device_put((trials.base_key, trials.params, trials.inputs),
                                     NamedSharding(self._mesh, PartitionSpec()))
         self._views = _views(trials.apply_fn, trials.plans, trials.params, trials.inputs, executor.max_programs)
-        self._programs: dict[Key, tuple[Any, Any]] = {}
+        self._programs: dict[Key, Any] = {}
         self._paths: dict[Key, RowProgram] = {}
-        # Every golden value, computed once and shared by the group programs.
+        # Every golden value on these inputs, computed once and shared by the
+        # group programs, and each group's share of them.
         self._values: dict[int, Any] | None = None
+        self._reads: dict[Key, Any] = {}
         self._keys: dict[int, Key] = {}
         self._goldens: dict[int, Any] = {}
         began = time.perf_counter()
@@ -192,21 +195,26 @@ class GroupedRunner:
         return [(tuple(None if int(e[t]) == _NEVER else int(e[t]) for e in earliest), bool(wide[t]))
                 for t in range(len(indices))]
 
-    def _trial(self, key: Key) -> tuple[Callable[..., Any], Any]:
-        """The trial function of a group and the golden values it reads."""
+    def _trial(self, key: Key) -> Callable[..., Any]:
+        """The trial function of a group (its program reads golden values)."""
         ranks, wide = key
         only = tuple(v.only(k, wide) for v, k in zip(self._views, ranks))
         program = RowProgram(self._trials.apply_fn, self._trials.params, self._trials.inputs, self._trials.plans,
                              [v.pop for v in self._views], only, incremental=self._incremental)
         self._paths[key] = program
-        if self._values is None:
-            self._values = program.golden_values(*self._args[1:])
-        golden = program.golden(*self._args[1:], values=self._values)
-        return (lambda base_key, i, params, golden: program.trial(
-            trial_key(base_key, i), params, golden, live=i >= 0)), golden
+        return lambda base_key, i, params, golden: program.trial(trial_key(base_key, i), params, golden, live=i >= 0)
 
-    def _compiled(self, key: Key) -> tuple[Any, Any]:
-        trial, golden = self._trial(key)
+    def _golden_reads(self, key: Key) -> Any:
+        """The golden values the group's program reads, on this runner's inputs."""
+        if key not in self._reads:
+            program = self._paths[key]
+            if self._values is None:
+                self._values = program.golden_values_program(*self._args[1:])
+            self._reads[key] = program.golden(*self._args[1:], values=self._values)
+        return self._reads[key]
+
+    def _compiled(self, key: Key) -> Any:
+        trial = self._trial(key)
 
         def local(base_key, indices, count, params, golden):
             # A loop over the first ``count`` slots only: a group's last call
@@ -219,36 +227,34 @@ class GroupedRunner:
             empty = jax.tree.map(lambda s: jnp.zeros(indices.shape + s.shape, s.dtype), shapes)
             return lax.fori_loop(0, count[0], one, empty)
 
-        program = jax.jit(jax.shard_map(
+        return jax.jit(jax.shard_map(
             local, mesh=self._mesh, out_specs=PartitionSpec(TRIAL_AXIS), check_vma=False,
             in_specs=(PartitionSpec(), PartitionSpec(TRIAL_AXIS), PartitionSpec(TRIAL_AXIS), PartitionSpec(),
                       PartitionSpec())))
-        return program, golden
 
-    def _program(self, key: Key) -> tuple[Any, Any]:
-        """The group's program, compiled on first use."""
+    def _program(self, key: Key) -> Key:
+        """The group's program, compiled on first use (by this runner or the one it came ``on``)."""
         if key not in self._programs:
             began = time.perf_counter()
             self._programs[key] = self._compiled(key)
-            self._call(self._programs[key], np.asarray([GOLDEN_INDEX], np.int32))
+            self._call(key, np.asarray([GOLDEN_INDEX], np.int32))
             self.compile_seconds += time.perf_counter() - began
-        return self._programs[key]
+        return key
 
-    def _call(self, compiled: tuple[Any, Any], indices: np.ndarray) -> Any:
+    def _call(self, key: Key, indices: np.ndarray) -> Any:
         """Trials ``indices`` (at most the group width) through a group program."""
-        program, golden = compiled
         per_device = self._group // len(self._mesh.devices)
         counts = np.clip(len(indices) - per_device * np.arange(len(self._mesh.devices)), 0, per_device)
         padded = np.resize(indices, self._group).astype(np.int32)
         split = NamedSharding(self._mesh, PartitionSpec(TRIAL_AXIS))
         base, params, _ = self._args
-        out = program(base, jax.device_put(padded, split), jax.device_put(counts.astype(np.int32), split),
-                      params, golden)
+        out = self._programs[key](base, jax.device_put(padded, split),
+                                  jax.device_put(counts.astype(np.int32), split), params, self._golden_reads(key))
         return jax.tree.map(lambda a: np.asarray(a)[:len(indices)], jax.device_get(out))
 
     def _run_group(self, key: Key, indices: np.ndarray) -> Any:
-        compiled = self._program(key)
-        outs = [self._call(compiled, indices[i:i + self._group]) for i in range(0, len(indices), self._group)]
+        self._program(key)
+        outs = [self._call(key, indices[i:i + self._group]) for i in range(0, len(indices), self._group)]
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
     def paths(self) -> pd.DataFrame:
@@ -266,6 +272,17 @@ class GroupedRunner:
             output, _ = self._call(self._program(self._keys[program]), np.asarray([GOLDEN_INDEX], np.int32))
             self._goldens[program] = output[0]
         return self._goldens[program]
+
+    def on(self, inputs: Any) -> GroupedRunner:
+        """This runner's group programs on other inputs (see ``executors.Runner.on``):
+        programs compiled by either runner from now on serve both; golden
+        values are computed for ``inputs``."""
+        moved = copy.copy(self)
+        moved._trials = self._trials.on(inputs)
+        base, params, _ = self._args
+        moved._args = (base, params, jax.device_put(inputs, NamedSharding(self._mesh, PartitionSpec())))
+        moved._values, moved._reads, moved._goldens = None, {}, {}
+        return moved
 
     def _grouped(self, indices: np.ndarray) -> dict[Key, list[int]]:
         groups: dict[Key, list[int]] = defaultdict(list)

@@ -245,6 +245,10 @@ class RowProgram:
         doubled = self._doubled(hows, mode)
         self._corrected = {n for n, (op, how) in enumerate(zip(flat.ops, hows)) if self._incremental
                            and how == "full" and _correctable(op, faulted, mode, self._params_cap)}
+        self._faulted = faulted
+        self._sparse = {n: k for n, (op, how) in enumerate(zip(flat.ops, hows))
+                        if self._incremental and how == "full" and n not in self._corrected
+                        and (k := _sparse_cap(op, mode, faulted, self._params_cap))}
         self._steps = [(op, _rows_recipe(op, sliced, mode) if how == "rows" else None,
                         _full_recipe(op, mode, doubled) if how == "full" or doubled.intersection(op.outs) else None,
                         how) for op, how, sliced in zip(flat.ops, hows, slices)]
@@ -254,7 +258,7 @@ class RowProgram:
         self.rows = sum(self._pops[p].cap for p in self._row_sites)
         reads = {x for op, rows, full, _ in self._steps for recipe in (rows, full) if recipe
                  for x, r in zip(op.ins, recipe) if r in ("golden", "take", "splice")}
-        reads |= {i for n in self._corrected for i in (flat.ops[n].ins[0], flat.ops[n].outs[0])}
+        reads |= {i for n in self._corrected | self._sparse.keys() for i in (flat.ops[n].ins[0], flat.ops[n].outs[0])}
         reads |= {x for x in flat.outputs if isinstance(x, int) and mode.get(x) == "rows" and x not in doubled}
         reads |= {x for x in flat.outputs if isinstance(x, int) and x not in mode}
         computed = {o for op, rows, full, _ in self._steps if rows or full for o in op.outs}
@@ -314,6 +318,12 @@ class RowProgram:
         changed weights' terms), in program order."""
         return tuple(self._flat.ops[n].eqn.primitive.name for n in sorted(self._corrected))
 
+    @property
+    def sparse(self) -> tuple[str, ...]:
+        """The primitives evaluated as their golden result plus the changed
+        input features' terms when few features changed, in program order."""
+        return tuple(self._flat.ops[n].eqn.primitive.name for n in sorted(self._sparse))
+
     def _hooked_mode(self, ids: Sequence[int | None], batched: set[int], mode: dict[int, str]) -> None:
         """A faulted golden value becomes the trial's own: by rows if it has a batch axis."""
         for i in ids:
@@ -340,8 +350,13 @@ class RowProgram:
         """Every value of the program (by id) on the unfaulted arguments, with
         the blank fault writes: the same whatever ``only`` is, so one call
         serves every RowProgram of these plans."""
-        every = functools.partial(self._golden, every=True)
-        return jax.jit(every)(params, inputs, jax.random.key(0), self._blanks())
+        return self.golden_values_program(params, inputs)
+
+    @functools.cached_property
+    def golden_values_program(self) -> Callable[[Any, Any], dict[int, Any]]:
+        """``golden_values`` compiled once, for any arguments of the same shapes."""
+        every = jax.jit(functools.partial(self._golden, every=True))
+        return lambda params, inputs: every(params, inputs, jax.random.key(0), self._blanks())
 
     def _blanks(self) -> list[Faults]:
         return [Faults(np.full(pop.cap, -1, np.int32), np.zeros(pop.cap, np.int32),
@@ -373,6 +388,7 @@ class RowProgram:
         gold = dict(flat.consts) | dict(zip(self._golden_ids, golden))
         records: list[Any] = [None] * len(self._plans)
         draws: dict[int, tuple[jax.Array, Faults]] = {}
+        clean = dict(zip(flat.inputs, param_leaves(params)))
         for i, (plan, pop) in enumerate(zip(self._plans, self._pops)):
             k = plan_key(key, i)
             if plan.kind == "params":
@@ -391,6 +407,12 @@ class RowProgram:
             if n in self._corrected:
                 (x, w), out = op.ins, op.outs[0]
                 own[out] = _correction(op.eqn, gold[out], gold[x], self._changes(w, records))
+                full_recipe = None
+            if n in self._sparse:
+                (x, w), out = op.ins, op.outs[0]
+                changes = self._changes(w, records) if w in self._faulted else None
+                own[out] = _sparse_update(op.eqn, gold[out], gold[x], own[x], clean.get(w, gold.get(w)),
+                                          self._sparse[n], changes)
                 full_recipe = None
             if rows_recipe:
                 args = [_operand(x, r, own, gold, rows) for x, r in zip(op.ins, rows_recipe)]
@@ -473,25 +495,35 @@ def _materialised(eqn: jex.JaxprEqn) -> bool:
     return any(kernel[d] != 1 for d in spec[2:])
 
 
-def _correctable(op: interpret.Op, faulted: set[int], mode: dict[int, str], cap: int) -> bool:
-    """Whether ``op`` is a matmul or convolution of a golden operand with a faulted
-    floating params leaf that a correction can update (see ``_correction``)."""
+def _linear(op: interpret.Op) -> bool:
+    """Whether ``op`` is a floating matmul ``x @ w`` (``w`` 2-D, no batch axes) or
+    an ungrouped convolution: linear in each operand, as the corrections need."""
     name = op.eqn.primitive.name
     if name not in ("dot_general", "conv_general_dilated") or len(op.ins) != 2:
         return False
-    x, w = op.ins
-    if w not in faulted or not isinstance(x, int) or x in mode:
-        return False
-    if not jnp.issubdtype(op.eqn.invars[1].aval.dtype, jnp.floating):
+    if not all(jnp.issubdtype(v.aval.dtype, jnp.floating) for v in op.eqn.invars):
         return False
     if name == "dot_general":
         contract, batch = op.eqn.params["dimension_numbers"]
         return (len(_shape(op.eqn.invars[1])) == 2 and batch == ((), ())
                 and contract == ((len(_shape(op.eqn.invars[0])) - 1,), (0,)))
-    p = op.eqn.params
-    # Each faulted kernel element costs a one-channel convolution: beyond a few
-    # faults recomputing the layer is cheaper.
-    return p["feature_group_count"] == 1 and p["batch_group_count"] == 1 and cap <= _MAX_CONV_CORRECTIONS
+    return op.eqn.params["feature_group_count"] == 1 and op.eqn.params["batch_group_count"] == 1
+
+
+def _weight_correctable(op: interpret.Op, cap: int) -> bool:
+    """Whether the changed weights' terms of ``op`` (a ``_linear`` op) are cheap:
+    each faulted kernel element costs a one-channel convolution, so beyond a
+    few faults recomputing a convolution is cheaper."""
+    return op.eqn.primitive.name == "dot_general" or cap <= _MAX_CONV_CORRECTIONS
+
+
+def _correctable(op: interpret.Op, faulted: set[int], mode: dict[int, str], cap: int) -> bool:
+    """Whether ``op`` is a matmul or convolution of a golden operand with a faulted
+    floating params leaf that a correction can update (see ``_correction``)."""
+    if not _linear(op):
+        return False
+    x, w = op.ins
+    return w in faulted and isinstance(x, int) and x not in mode and _weight_correctable(op, cap)
 
 
 class Changes(NamedTuple):
@@ -525,6 +557,78 @@ def _correction(eqn: jex.JaxprEqn, golden: jax.Array, x: jax.Array, changes: Cha
         new = jnp.where(changes.valid[k], old + term.astype(y.dtype), old)
         y = lax.dynamic_update_slice_in_dim(y, new, coords[out_f][k], axis=dn.out_spec[1])
     return y
+
+
+def _sparse_cap(op: interpret.Op, mode: dict[int, str], faulted: set[int], cap: int) -> int:
+    """Most changed input features for which ``op``, a matmul or convolution
+    of a trial value with a golden or correctable faulted weight, is cheaper
+    as an update of its golden result (``_sparse_update``) than recomputed;
+    0 if it is not such an op."""
+    if not _linear(op):
+        return 0
+    x, w = op.ins
+    if not (isinstance(x, int) and mode.get(x) == "full" and isinstance(w, int)):
+        return 0
+    if w in mode and not (w in faulted and _weight_correctable(op, cap)):
+        return 0
+    if op.eqn.primitive.name == "dot_general":
+        features = _shape(op.eqn.invars[0])[-1]
+    else:
+        features = _shape(op.eqn.invars[0])[op.eqn.params["dimension_numbers"].lhs_spec[1]]
+    # Beyond an eighth of the features the update costs about as much as the op.
+    return features // 8
+
+
+def _sparse_update(eqn: jex.JaxprEqn, golden: jax.Array, golden_x: jax.Array, x: jax.Array,
+                   w: jax.Array, cap: int, changes: Changes | None) -> jax.Array:
+    """``eqn`` on ``x`` and the golden weight ``w`` with ``changes`` (None: none).
+
+    ``x W' = x_g W' + (x - x_g) W'``: the first term is ``golden`` corrected
+    for the changed weights, the second runs on the input features where
+    ``x`` differs from ``golden_x`` (bits), at most ``cap`` of them; with more,
+    the op is recomputed. Far less work than recomputing, rounded differently.
+    """
+    if eqn.primitive.name == "dot_general":
+        axis, w_axis = x.ndim - 1, 0
+    else:
+        dn = eqn.params["dimension_numbers"]
+        axis, w_axis = dn.lhs_spec[1], dn.rhs_spec[1]
+    others = tuple(d for d in range(x.ndim) if d != axis)
+    changed = jnp.any(bits_lib.to_bits(x) != bits_lib.to_bits(golden_x), axis=others)
+    count = jnp.sum(changed)
+    features = jnp.nonzero(changed, size=cap, fill_value=changed.shape[0])[0]
+
+    def corrected(y: jax.Array, at: jax.Array) -> jax.Array:
+        return y if changes is None else _correction(eqn, y, at, changes)
+
+    def update() -> jax.Array:
+        new = jnp.take(x, features, axis=axis, mode="fill", fill_value=0)
+        old = jnp.take(golden_x, features, axis=axis, mode="fill", fill_value=0)
+        # Unchanged values give exactly 0 (x - x would be NaN for an infinite one).
+        delta = jnp.where(bits_lib.to_bits(new) == bits_lib.to_bits(old), jnp.zeros_like(new), new - old)
+        rows = jnp.take(w, features, axis=w_axis, mode="fill", fill_value=0)
+        if changes is not None:
+            rows = _changed_rows(rows, w.shape, w_axis, features, changes)
+        term = interpret.bind(eqn, [delta, rows])[0]
+        return corrected(golden, golden_x) + term.astype(golden.dtype)
+
+    def recompute() -> jax.Array:
+        return corrected(interpret.bind(eqn, [x, w])[0], x)
+
+    return lax.cond(count == 0, lambda: corrected(golden, golden_x),
+                    lambda: lax.cond(count <= cap, update, recompute))
+
+
+def _changed_rows(rows: jax.Array, w_shape: tuple[int, ...], w_axis: int, features: jax.Array,
+                  changes: Changes) -> jax.Array:
+    """``rows``, the golden weight's slices at ``features`` along ``w_axis``,
+    with the changed weights that fall in them."""
+    coords = list(jnp.unravel_index(changes.index, w_shape))
+    match = features[None, :] == coords[w_axis][:, None]
+    coords[w_axis] = jnp.argmax(match, axis=1)
+    inside = changes.valid & jnp.any(match, axis=1)
+    coords = [jnp.where(inside, c, n) for c, n in zip(coords, rows.shape)]
+    return rows.at[tuple(coords)].add(changes.delta.astype(rows.dtype), mode="drop")
 
 
 def _value_of(site: Site, raw: jax.Array) -> jax.Array:
