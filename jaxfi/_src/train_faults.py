@@ -235,13 +235,31 @@ def _uint(dtype: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Step:
-    """A campaign's training step. Every step of every run (golden included) is this
-    one function with a runtime ``live`` flag: the interpreted program with hooks
-    rounds differently from the plain step, so no run may mix the two."""
+    """A campaign's training step: ``faulty`` at the fault step, ``other`` at every other step.
+
+    Hooks on activation values change how XLA fuses (and so rounds) the step
+    even when no fault lands, so with activations plans every step of every
+    run (golden included) is the hooked step with a runtime ``live`` flag; with
+    only weights/optimizer plans the other steps are the plain step, which the
+    injection step equals bit for bit when no fault lands.
+    """
 
     loss_fn: LossFn
     optimizer: Optimizer
     plans: tuple[Plan, ...]
+
+    def other(self, key: jax.Array, state: tuple[Any, Any], batch: Any, live: jax.Array
+              ) -> tuple[tuple[Any, Any], tuple[jax.Array, jax.Array]]:
+        """A step where no fault lands (``live`` is False at run time)."""
+        if any(p.kind == "activations" for p in self.plans):
+            return self.faulty(key, state, batch, live)[:2]
+        return self._plain(state, batch)
+
+    def _plain(self, state: tuple[Any, Any], batch: Any) -> tuple[tuple[Any, Any], tuple[jax.Array, jax.Array]]:
+        params, opt_state = jax.lax.optimization_barrier(state)
+        loss, grads = _grad_fn(self.loss_fn)(params, batch)
+        out = self._update(params, opt_state, grads), (loss, _global_norm(grads))
+        return jax.lax.optimization_barrier(out)
 
     def _update(self, params: Any, opt_state: Any, grads: Any) -> tuple[Any, Any]:
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
@@ -362,7 +380,7 @@ class TrainingCampaign:
 
         def body(state, xs):
             t, batch = xs
-            new, (loss, norm), _ = self._step.faulty(self.base_key, state, batch, t == never)
+            new, (loss, norm) = self._step.other(self.base_key, state, batch, t == never)
             return new, (state, loss, norm)
 
         steps = jnp.arange(self.steps)
@@ -389,8 +407,8 @@ class TrainingCampaign:
             run = (t < self.steps) & ~done
 
             def go(state):
-                # Never live (t > s), but not known to XLA: the same step as everywhere.
-                new, (loss, norm), _ = self._step.faulty(fault_key, state, _at(batches, t), (index >= 0) & (t == s))
+                # Never live (t > s), but XLA cannot know: the same step as in the golden run.
+                new, (loss, norm) = self._step.other(fault_key, state, _at(batches, t), (index >= 0) & (t == s))
                 rejoined = _same(new, _at(golden.states, t + 1 - lo))
                 return new, ~jnp.isfinite(loss) | rejoined, loss, norm, rejoined
 
@@ -433,7 +451,11 @@ class TrainingCampaign:
 
     @functools.cached_property
     def golden(self) -> TrainingGolden:
-        """The fault-free run, computed once."""
+        """The fault-free run, computed once (``golden_run``)."""
+        return self.golden_run()
+
+    def golden_run(self) -> TrainingGolden:
+        """Computes the fault-free run: states from ``fault_steps[0]`` on, curves and final metric."""
         states, losses, norms, metric = self._golden_program((self.params, self.opt_state), self.batches,
                                                               jnp.int32(-1))
         return TrainingGolden(states, np.asarray(losses), np.asarray(norms), float(metric))
@@ -463,10 +485,11 @@ class TrainingCampaign:
         s = int(jax.random.randint(jax.random.fold_in(key, 0), (), lo, hi))
         state, losses, norms, records = (self.params, self.opt_state), [], [], ()
         for t in range(self.steps):
-            live = np.bool_(index >= 0 and t == s)
-            state, (loss, norm), recs = self._jit_faulty(jax.random.fold_in(key, 1), state,
-                                                          _at(self.batches, t), live)
-            records = recs if t == s else records
+            args = (jax.random.fold_in(key, 1), state, _at(self.batches, t), np.bool_(index >= 0 and t == s))
+            if t == s:
+                state, (loss, norm), records = self._jit_faulty(*args)
+            else:
+                state, (loss, norm) = self._jit_other(*args)
             losses.append(loss)
             norms.append(norm)
         return np.asarray(jnp.stack(losses)), np.asarray(jnp.stack(norms)), jax.device_get(state), \
@@ -475,6 +498,10 @@ class TrainingCampaign:
     @functools.cached_property
     def _jit_faulty(self) -> Callable[..., Any]:
         return jax.jit(self._step.faulty)
+
+    @functools.cached_property
+    def _jit_other(self) -> Callable[..., Any]:
+        return jax.jit(self._step.other)
 
     # -- identity and running
 
