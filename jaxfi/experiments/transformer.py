@@ -83,7 +83,8 @@ def define_flags() -> Flags:
         steps=flags.DEFINE_integer("steps", 300, "Training steps (batch 128).", lower_bound=1),
         layers=flags.DEFINE_integer("layers", 4, "Scanned blocks.", lower_bound=1),
         length=flags.DEFINE_integer("length", 8, "Digits to sort.", lower_bound=2),
-        executor=flags.DEFINE_string("executor", "map", "Executor: loop, map or vmap."),
+        executor=flags.DEFINE_string("executor", "loop", "Executor: loop, map or vmap (map and vmap are "
+                                     "checked bit for bit against the loop and may refuse)."),
         chunk_size=flags.DEFINE_integer("chunk_size", 100, "Trials per chunk.", lower_bound=1),
         seed=flags.DEFINE_integer("seed", 0, "Training and campaign seed.", lower_bound=0))
 
