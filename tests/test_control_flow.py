@@ -300,3 +300,53 @@ def test_executors_agree_on_loop_sites(layer_campaign):
     assert list(iterations) == [i[0] for i in faults["index"]]
     assert set(iterations) <= {0, 1, 2} and len(set(iterations)) > 1
     assert (reference["faults"] == 1).all() and reference["sdc"].any()
+
+
+def test_flax_nnx_scan_layers_are_loop_sites():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(D, D, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.tanh(self.fc(x))
+
+    class Stack(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=T)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return Block(rngs)
+            self.layers = make(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def step(x, block):
+                return block(x)
+            return step(x, self.layers)
+
+    graphdef, state = nnx.split(jaxfi.named_scopes(Stack(nnx.Rngs(0))))
+
+    def apply(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    plan = jaxfi.Plan(jaxfi.Activations(name="layers/tanh"), jaxfi.BitFlip(bits=(22, 30)))
+    (site,) = jaxfi.sites_of(apply, plan, state, XS[0])
+    assert site.name == "Stack/scan:0/jaxpr/Stack/layers/tanh:0" and site.shape == (T, B, D)
+    out, (record,) = jax.jit(jaxfi.faulty(apply, plan))(jax.random.key(3), state, XS[0])
+    t, e = divmod(int(record.index[0]), B * D)
+    kernel, bias = np.asarray(state["layers"]["fc"]["kernel"]), np.asarray(state["layers"]["fc"]["bias"])
+    h = XS[0]
+    for layer in range(T):
+        h = np.tanh(h @ kernel[layer] + bias[layer])
+        if layer == t:
+            # numpy's tanh may differ from XLA's in the last bit: continue
+            # from the value the record says the fault wrote.
+            before, after = (np.uint32(v).view(np.float32) for v in (record.before[0], record.after[0]))
+            np.testing.assert_allclose(h.reshape(-1)[e], before, rtol=1e-6)
+            assert int(record.after[0]) == int(record.before[0]) ^ int(record.mask[0])
+            h = h.reshape(-1).copy()
+            h[e] = after
+            h = h.reshape(B, D)
+    np.testing.assert_allclose(np.asarray(out), h, rtol=1e-5, atol=1e-6)
