@@ -55,7 +55,7 @@ flags = study_flags.flags
 
 _NAME = "quantized"
 _FLAG_NAMES = ("models", "trials_per_bit", "rates", "trials", "max_trials", "half_width", "eval_size",
-               "executor", "chunk_size", "seed", "epochs")
+               "executor", "chunk_size", "batch_size", "seed", "epochs")
 # LeNet-5's float32 kernels go from no effect (1e-6) to collapse (1e-4); int8 needs
 # about 100x higher rates before its error moves (8% at 1e-2, 70% at 1e-1).
 DEFAULT_RATES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1)
