@@ -113,8 +113,10 @@ def sorting_task(n: int, config: Config, seed: int | tuple[int, ...] = 0) -> tup
     return tokens, targets
 
 
+@functools.cache
 def bind(config: Config) -> Callable[[Any, jax.Array], jax.Array]:
-    """``apply_fn(params, tokens) -> logits`` for ``config`` (pure, not jitted)."""
+    """``apply_fn(params, tokens) -> logits`` for ``config`` (pure, not jitted; one per
+    config, so that jitted callers compile it once)."""
     model = Transformer(config)
 
     def apply_fn(params: Any, tokens: jax.Array) -> jax.Array:
