@@ -5,10 +5,12 @@ once into a ``Program``:
 
 * ``values``: every equation output in program order, with the name stack of
   its producer (its scope), a readable name ``{scope}/{primitive}:{k}``, the
-  higher-order primitive whose body holds it (``control_flow``) and the scopes
-  of its consumers;
+  higher-order primitive whose body holds it (``control_flow``), its
+  enclosing loops with their trip counts, whether it runs only on some runs
+  (cond branches, while bodies) and the scopes of its consumers;
 * ``graph``: the equations as ``Node`` objects, call-like primitives (jit,
-  closed_call, custom_jvp/vjp calls, remat) holding their walked body;
+  closed_call, custom_jvp/vjp calls, remat) holding their walked body, other
+  higher-order primitives (scan, while, cond) their walked bodies by label;
 * ``ops``: the same program flattened, call bodies inlined, with value ids for
   operands and results (program inputs and constants get negative ids).
 
@@ -17,7 +19,8 @@ once into a ``Program``:
 via ``get_bind_params``, the equation's name stack and context), descends into
 call bodies where ``rules.descend`` asks, gives equations whose primitive is
 in ``rules.table`` that rule instead of ``bind``, and passes every produced
-value through ``rules.after``. Activation hooks, batch-invariant batching,
+value through ``rules.after``; ``rules.control`` evaluates the scan, while
+and cond nodes it descends into. Activation hooks, batch-invariant batching,
 golden runs and range restriction are such rules; row slicing schedules the
 flat ``ops`` and binds them with ``bind``.
 """
