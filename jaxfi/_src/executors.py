@@ -334,7 +334,9 @@ def choose(auto: AutoExecutor, trials: Trials, chunk_size: int, devices: Sequenc
     candidate first compiles the program of its most common group in a
     sample of ``auto.sample`` trials; it is skipped when the loop would finish
     before the candidate compiled the programs that sample needs (that
-    measured compile times their number). Otherwise it runs the sample twice,
+    measured compile times their number), or without building it when even its
+    best case loses (``_hopeless``: the work its trials need, estimated from
+    the plans' populations). Otherwise it runs the sample twice,
     compiling then running, and the second run gives its rate. Reference-family candidates (vmap,
     map) must also give the loop's bits. The choice is the least estimated
     time to finish from here (compiles already paid are not counted); the
@@ -357,6 +359,10 @@ def choose(auto: AutoExecutor, trials: Trials, chunk_size: int, devices: Sequenc
     for candidate in auto.candidates:
         if isinstance(candidate, LoopExecutor):
             continue
+        if isinstance(candidate, GroupedExecutor) and _hopeless(candidate, trials, sample, remaining,
+                                                                 loop_rate, loop_compile, loop_estimate):
+            rows.append(_row(candidate.name, float("nan"), float("nan"), float("inf"), False))
+            continue
         runner = candidate.build(trials, chunk_size, devices)
         if _compile_estimate(runner, start, sample, loop_compile) > loop_estimate:
             rows.append(_row(runner.name, float("nan"), float("nan"), float("inf"), False))
@@ -376,6 +382,19 @@ def choose(auto: AutoExecutor, trials: Trials, chunk_size: int, devices: Sequenc
     best, runner = runners[name]
     table["chosen"] = table["executor"] == name
     return best, runner, table
+
+
+def _hopeless(grouped: GroupedExecutor, trials: Trials, sample: int, remaining: int, loop_rate: float,
+              loop_compile: float, loop_estimate: float) -> bool:
+    """Whether the grouped executor cannot beat the loop even at its best: its
+    expected work per trial (a share of the forward pass) at the loop's rate,
+    plus half a loop compile per program it would need. Judged for params
+    plans only: row slicing makes activation and input faults cheaper than
+    their work says."""
+    if any(plan.kind != "params" for plan in trials.plans or ()):
+        return False
+    work, programs = grouped.estimate(trials, sample)
+    return remaining * work / loop_rate + programs * loop_compile / 2 >= loop_estimate
 
 
 def _compile_estimate(runner: Runner, start: int, sample: int, loop_compile: float) -> float:

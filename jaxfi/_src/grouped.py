@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 import zlib
 from collections import defaultdict
@@ -67,6 +68,29 @@ def param_order(apply_fn: Callable[..., Any], params: Any, inputs: Any) -> dict[
     names = [s.name for s in param_sites(params)]
     never = len(program.ops)
     return {name: first.get(i, never) for name, i in zip(names, program.inputs)}
+
+
+def multiply_adds(eqn: Any) -> int:
+    """Multiply-adds of a matmul or convolution equation (0 for anything else)."""
+    out = int(np.prod(eqn.outvars[0].aval.shape))
+    if eqn.primitive.name == "dot_general":
+        (contract, _), _ = eqn.params["dimension_numbers"]
+        return out * int(np.prod([eqn.invars[0].aval.shape[d] for d in contract]))
+    if eqn.primitive.name == "conv_general_dilated":
+        kernel = eqn.invars[1].aval.shape
+        out_feature = eqn.params["dimension_numbers"].rhs_spec[0]
+        return out * int(np.prod(kernel)) // kernel[out_feature]
+    return 0
+
+
+def suffix_work(program: interpret.Program) -> np.ndarray:
+    """Per op index r (and one past the end), the share of the program's
+    multiply-adds done after op r: what a trial whose earliest fault is read
+    (or written) at op r must recompute downstream of it, its correction
+    there aside (DESIGN principle 9's physical cost)."""
+    work = np.array([multiply_adds(op.eqn) for op in program.ops] + [0], np.float64)
+    after = np.concatenate([np.cumsum(work[::-1])[::-1][1:], [0.0]])
+    return after / max(work.sum(), 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +167,28 @@ def _views(apply_fn, plans: Sequence[Plan], params: Any, inputs: Any, limit: int
     return [dataclasses.replace(v, rank=tuple(points[r] for r in v.rank)) for v in views]
 
 
+def expected_work(views: Sequence[_PlanView], suffix: np.ndarray, sample: int) -> tuple[float, float]:
+    """Expected ``work`` per trial (``GroupedRunner.work``) and expected number
+    of programs ``sample`` trials need, from the plans' populations alone
+    (faults uniform over each population: Poisson counts for rates)."""
+    points = sorted({r for v in views for r in v.rank})
+
+    def survival(r: float) -> float:
+        """P(no fault lands on a site of rank below ``r``)."""
+        p = 1.0
+        for v in views:
+            before = sum(w for w, rank in zip(v.pop.weights, v.rank) if rank < r) / max(v.pop.total, 1)
+            n = v.pop.expected
+            p *= (1.0 - before) ** n if v.plan.count is not None else math.exp(-n * before)
+        return p
+
+    alive = [survival(r) for r in points] + [survival(math.inf)]
+    first = [a - b for a, b in zip(alive, alive[1:])]
+    work = sum(p * suffix[min(r, len(suffix) - 1)] for p, r in zip(first, points))
+    programs = sum(1.0 - (1.0 - p) ** sample for p in first + alive[-1:])
+    return float(work), float(programs)
+
+
 class GroupedRunner:
     """Computes trials grouped by the earliest site they hit (see module doc)."""
 
@@ -164,6 +210,7 @@ class GroupedRunner:
         # group programs, and each group's share of them.
         self._values: dict[int, Any] | None = None
         self._reads: dict[Key, Any] = {}
+        self._suffix: np.ndarray | None = None
         self._keys: dict[int, Key] = {}
         self._goldens: dict[int, Any] = {}
         began = time.perf_counter()
@@ -284,6 +331,17 @@ class GroupedRunner:
         moved._values, moved._reads, moved._goldens = None, {}, {}
         return moved
 
+    def work(self, indices: np.ndarray) -> np.ndarray:
+        """Per trial, the share of the forward pass's multiply-adds after its
+        program's split point (0 for a trial that drew no fault): the layers a
+        fault reaches beyond the first. Row slicing and unchanged features
+        cost less than this; recomputing the first faulted layer, more."""
+        if self._suffix is None:
+            self._suffix = suffix_work(interpret.trace(self._trials.apply_fn,
+                                                       (self._trials.params, self._trials.inputs))[0])
+        ranks = [min((r for r in key[0] if r is not None), default=None) for key in self.keys(indices)]
+        return np.array([0.0 if r is None else self._suffix[min(r, len(self._suffix) - 1)] for r in ranks])
+
     def _grouped(self, indices: np.ndarray) -> dict[Key, list[int]]:
         groups: dict[Key, list[int]] = defaultdict(list)
         for position, key in enumerate(self.keys(indices)):
@@ -330,6 +388,14 @@ class GroupedExecutor:
     def name(self) -> str:
         extra = "" if self.incremental else ", incremental=False"
         return f"grouped(width={self.group_width}, programs={self.max_programs}{extra})"
+
+    def estimate(self, trials: Trials, sample: int) -> tuple[float, float]:
+        """Before building anything: the expected work per trial (a share of the
+        forward pass, see ``GroupedRunner.work``) and the expected number of
+        programs ``sample`` trials compile (``expected_work``)."""
+        views = _views(trials.apply_fn, trials.plans, trials.params, trials.inputs, self.max_programs)
+        program, _ = interpret.trace(trials.apply_fn, (trials.params, trials.inputs))
+        return expected_work(views, suffix_work(program), sample)
 
     def build(self, trials: Trials, chunk_size: int, devices: Sequence[jax.Device]) -> GroupedRunner:
         """Prepare the fault sampler; group programs compile when first needed."""
