@@ -160,6 +160,10 @@ def looped(xs):
 
 
 def test_while_loop_draws_among_the_bound_and_faults_past_the_trip_count_do_not_land():
+    with pytest.raises(ValueError, match="iterations must be a positive integer"):
+        jaxfi.Activations(iterations=0)
+    with pytest.raises(TypeError, match="iterations must be a positive integer"):
+        jaxfi.ModuleOutput("x", iterations=True)
     with pytest.raises(ValueError, match="iterations=N"):
         jaxfi.faulty(looped, jaxfi.Plan(jaxfi.Activations(name="add")), params_argnum=None)(
             jax.random.key(0), XS)
