@@ -132,6 +132,10 @@ def test_bad_campaign_arguments(toy):
 
 def check_against_independent(c, result, indices):
     golden_final = jax.tree.map(lambda x: x[-1], c.golden.states)
+    # The loop executor gives the map executor's bits.
+    loop = c.run_trials(list(indices), executor="loop")
+    for name, column in jaxfi._src.train_faults._columns(loop).items():
+        np.testing.assert_array_equal(column, result.arrays[name][list(indices)], err_msg=name)
     for i in indices:
         losses, norms, final, records = c.independent(i)
         stop = result.arrays["stopped"][i]

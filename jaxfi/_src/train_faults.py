@@ -460,10 +460,63 @@ class TrainingCampaign:
                                                               jnp.int32(-1))
         return TrainingGolden(states, np.asarray(losses), np.asarray(norms), float(metric))
 
-    def run_trials(self, indices: Sequence[int]) -> TrialOutput:
-        """Trials ``indices`` as one compiled program (``lax.map``), as numpy arrays."""
+    def run_trials(self, indices: Sequence[int], executor: str = "map") -> TrialOutput:
+        """Trials ``indices``, as numpy arrays.
+
+        Args:
+          indices: trial indices (negative: golden trials).
+          executor: "map", one compiled program (``lax.map`` over trials of a
+            ``lax.scan`` over steps); or "loop", a Python loop over trials and
+            steps of the jitted steps (the same shared golden prefix and early
+            stops; faster where XLA:CPU runs a step inside a loop body slower
+            than alone, as for convolutions). Both give the same bits.
+        """
+        if executor == "loop":
+            outs = [self._host_trial(int(i)) for i in indices]
+            return jax.tree.map(lambda *xs: np.stack(xs), *outs)
+        if executor != "map":
+            raise ValueError(f"executor must be 'map' or 'loop', got {executor!r}")
         idx = jnp.asarray(np.asarray(indices, np.int32))
         return jax.device_get(self._chunk_program(idx, self._golden_arrays(), self.batches))
+
+    def _host_trial(self, index: int) -> TrialOutput:
+        """``trial`` with a Python loop over steps: the same jitted steps as ``independent``."""
+        lo, hi = self.fault_steps
+        g, golden_at = self.golden, self._jit_golden_at
+        key = trial_key(self.base_key, jnp.int32(index))
+        s = int(jax.random.randint(jax.random.fold_in(key, 0), (), lo, hi))
+        losses, norms = g.losses.copy(), g.grad_norms.copy()
+        state, rejoined, stopped = golden_at(g.states, s - lo), False, -1
+        for t in range(s, self.steps):
+            args = (jax.random.fold_in(key, 1), state, _at(self.batches, t), np.bool_(index >= 0 and t == s))
+            if t == s:
+                state, (loss, norm), records = self._jit_faulty(*args)
+            else:
+                state, (loss, norm) = self._jit_other(*args)
+            losses[t], norms[t] = loss, norm
+            rejoined = bool(self._jit_same(state, golden_at(g.states, t + 1 - lo)))
+            if rejoined or not np.isfinite(losses[t]):
+                stopped = t if t < self.steps - 1 else -1
+                if not rejoined:
+                    losses[t + 1:], norms[t + 1:] = np.nan, np.nan
+                break
+        final_golden = golden_at(g.states, self.steps - lo)
+        final = final_golden if rejoined else state
+        return jax.device_get(TrialOutput(
+            np.int32(s), losses, norms, self._jit_metric(final[0]).astype(jnp.float32),
+            self._jit_same(final, final_golden), np.int32(stopped), records))
+
+    @functools.cached_property
+    def _jit_golden_at(self) -> Callable[..., Any]:
+        return jax.jit(_at)
+
+    @functools.cached_property
+    def _jit_same(self) -> Callable[..., Any]:
+        return jax.jit(_same)
+
+    @functools.cached_property
+    def _jit_metric(self) -> Callable[..., Any]:
+        return jax.jit(self.metric_fn)
 
     def replay(self, index: int) -> TrialOutput:
         """Trial ``index`` alone (the unbatched program), as numpy arrays."""
@@ -523,7 +576,7 @@ class TrainingCampaign:
             "steps": self.steps, "fault_steps": list(self.fault_steps), "seed": self.seed,
         }
 
-    def run(self, n_trials: int, *, store: str | None = None, chunk_size: int = 16,
+    def run(self, n_trials: int, *, store: str | None = None, chunk_size: int = 16, executor: str = "map",
             progress: Callable[[int, int], Any] | None = None) -> TrainingResult:
         """Run trials ``0 .. n_trials - 1`` (resuming from ``store`` if given).
 
@@ -535,6 +588,7 @@ class TrainingCampaign:
           store: a directory; trials already stored there are not recomputed,
             and a store of another campaign is refused.
           chunk_size: trials per compiled call.
+          executor: "map" or "loop" (see ``run_trials``); the same bits either way.
           progress: called with (done, total) after each chunk.
 
         Returns:
@@ -545,14 +599,14 @@ class TrainingCampaign:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         db = Store(store, self.config) if store is not None else None
-        self._check_golden_trial(chunk_size)
+        self._check_golden_trial(chunk_size, executor)
         todo = db.missing(n_trials) if db is not None else [(0, n_trials)]
         chunks = [(a, min(a + chunk_size, b)) for a, b in todo for a in range(a, b, chunk_size)]
         parts = {}
         for k, (a, b) in enumerate(chunks):
             # Padded with golden trials (they stop after one step) so that one program serves every chunk.
-            padded = list(range(a, b)) + [GOLDEN_INDEX] * (chunk_size - (b - a))
-            columns = {k: v[:b - a] for k, v in _columns(self.run_trials(padded)).items()}
+            padded = list(range(a, b)) + [GOLDEN_INDEX] * (chunk_size - (b - a)) * (executor == "map")
+            columns = {k: v[:b - a] for k, v in _columns(self.run_trials(padded, executor)).items()}
             if db is not None:
                 db.write_chunk(a, b, columns)
             parts[a] = columns
@@ -566,8 +620,8 @@ class TrainingCampaign:
             arrays["trial"] = np.arange(n_trials)
         return TrainingResult(arrays, self.golden, self.sites)
 
-    def _check_golden_trial(self, chunk_size: int) -> None:
-        out = self.run_trials([GOLDEN_INDEX] * chunk_size)
+    def _check_golden_trial(self, chunk_size: int, executor: str) -> None:
+        out = self.run_trials([GOLDEN_INDEX] * (chunk_size if executor == "map" else 1), executor)
         g = self.golden
         if not (bool(out.identical[0]) and same_bits(out.losses[0], g.losses)):
             raise RuntimeError("the trial program does not reproduce the golden run bit for bit on this "
