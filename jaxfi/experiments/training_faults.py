@@ -114,6 +114,7 @@ class Flags:
     learning_rate: Any
     eval_size: Any
     chunk_size: Any
+    executor: Any
     seed: Any
     window: Any
     tolerance: Any
@@ -135,6 +136,8 @@ def define_flags() -> Flags:
         learning_rate=flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0.0),
         eval_size=flags.DEFINE_integer("eval_size", 1000, "Test images for the final accuracy.", lower_bound=1),
         chunk_size=flags.DEFINE_integer("chunk_size", 16, "Trials per compiled call.", lower_bound=1),
+        executor=flags.DEFINE_enum("executor", "map", ["map", "loop"],
+                                   "How trials run (same bits): map (one program per chunk) or loop."),
         seed=flags.DEFINE_integer("seed", 0, "Seed of the init, the batch order and the faults."),
         window=flags.DEFINE_integer("window", 5, "Steps after the fault for Immediate INF/NaN.", lower_bound=1),
         tolerance=flags.DEFINE_float("tolerance", 0.01, "Accuracy drop beyond which a run degraded.",
@@ -168,7 +171,7 @@ def run(defined: Flags, argv: list[str]) -> None:
                                               jaxfi.Plan(KIND_SITES[kind]), metric_fn=setup.metric_fn,
                                               seed=defined.seed.value)
             result = campaign.run(defined.trials.value, store=workdir / "stores" / name / kind,
-                                  chunk_size=defined.chunk_size.value)
+                                  chunk_size=defined.chunk_size.value, executor=defined.executor.value)
             flags_ = (jaxfi.spike_flags(result.losses, factor=defined.detector_factor.value,
                                         window=defined.detector_window.value)
                       | jaxfi.spike_flags(result.arrays["grad_norms"], factor=defined.detector_factor.value,
