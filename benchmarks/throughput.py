@@ -13,6 +13,11 @@ For each model and fault case it prints, from one run on this machine:
   compilation included) with ``executor="auto"`` and with "grouped", next
   to the loop's time for the same campaign estimated from its compile and
   steady rate;
+* ``downstream_work``: the expected share of the forward's multiply-adds
+  after a trial's first faulted layer (``jaxfi.executors.downstream_work``),
+  and ``mac_bound`` = 1 / that: what skipping the golden prefix can save
+  against one forward per trial, by multiply-adds (row slicing, unchanged
+  features and the loop's own overheads move the real ratio either way);
 * verdict agreement of the fast path with the reference (the loop): the
   share of trials whose SDC, SDC-5, DUE and masked verdicts all agree, and
   the disagreeing trials.
@@ -123,6 +128,8 @@ def bench(name: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
     reference, row["loop_compile_s"], row["loop"] = timed_run(campaign, n_loop, "loop", 64)
     fast, row["grouped_compile_s"], row["grouped"] = timed_run(campaign, n_fast, "grouped", 256)
     row["grouped/loop"] = row["grouped"] / row["loop"]
+    work = jaxfi.executors.downstream_work(apply_fn, params, images, [CASES[case][1]()])
+    row["downstream_work"], row["mac_bound"] = work, 1.0 / work if work else float("inf")
     for executor in ([] if name == "resnet18" else ["map", "vmap"]):
         try:
             _, _, row[executor] = timed_run(campaign, min(n_loop, 64), executor, 64)

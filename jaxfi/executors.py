@@ -4,7 +4,8 @@ Executors are chosen for speed, never for what they sample: every executor
 draws the same faults (records bitwise equal), and each trial is compared
 with the golden run of the program that computed it. The reference family
 (loop, map, vmap) gives the unbatched trial's bits; the grouped executor is
-the fast path. ``same_bits`` says whether two results are bitwise equal.
+the fast path. ``same_bits`` says whether two results are bitwise equal;
+``downstream_work`` is the share of a forward pass a trial's faults reach.
 """
 
 from jaxfi._src.executors import (
@@ -17,6 +18,7 @@ from jaxfi._src.executors import (
     executor,
     same_bits,
 )
+from jaxfi._src.grouped import downstream_work
 
 __all__ = [
     "AutoExecutor",
@@ -25,6 +27,7 @@ __all__ = [
     "MapExecutor",
     "NotBitwiseError",
     "VmapExecutor",
+    "downstream_work",
     "executor",
     "same_bits",
 ]

@@ -393,10 +393,25 @@ class GroupedExecutor:
         """Before building anything: the expected work per trial (a share of the
         forward pass, see ``GroupedRunner.work``) and the expected number of
         programs ``sample`` trials compile (``expected_work``)."""
-        views = _views(trials.apply_fn, trials.plans, trials.params, trials.inputs, self.max_programs)
-        program, _ = interpret.trace(trials.apply_fn, (trials.params, trials.inputs))
-        return expected_work(views, suffix_work(program), sample)
+        return _estimate(trials.apply_fn, trials.params, trials.inputs, trials.plans, sample, self.max_programs)
 
     def build(self, trials: Trials, chunk_size: int, devices: Sequence[jax.Device]) -> GroupedRunner:
         """Prepare the fault sampler; group programs compile when first needed."""
         return GroupedRunner(trials, chunk_size, devices, self)
+
+
+def _estimate(apply_fn: Callable[..., Any], params: Any, inputs: Any, plans: Sequence[Plan], sample: int,
+              max_programs: int) -> tuple[float, float]:
+    views = _views(apply_fn, plans, params, inputs, max_programs)
+    program, _ = interpret.trace(apply_fn, (params, inputs))
+    return expected_work(views, suffix_work(program), sample)
+
+
+def downstream_work(apply_fn: Callable[..., Any], params: Any, inputs: Any, plans: Sequence[Plan]) -> float:
+    """Expected share of ``apply_fn``'s matmul and convolution multiply-adds that
+    lie after the first layer a trial of ``plans`` faults (0 for a trial with
+    no fault): what a trial must recompute beyond a correction at its first
+    faulted layer (DESIGN principle 9), so ``1 / downstream_work`` bounds what
+    skipping the golden prefix can save against a full forward per trial.
+    Row slicing (activation and input faults) saves more than this counts."""
+    return _estimate(apply_fn, params, inputs, tuple(plans), 1, 8)[0]
