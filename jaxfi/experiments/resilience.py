@@ -99,7 +99,7 @@ def define_flags() -> Flags:
     """Defines the script's flags and their validators (they show under the script's name in --help)."""
     flags.disclaim_key_flags()
     defined = Flags(
-        common=study_flags.define_common_flags(eval_size=128, chunk_size=32,
+        common=study_flags.define_common_flags(eval_size=128, chunk_size=32, executor="auto",
                                                chunk_help="Trials per stored chunk (resume granularity)."),
         mode=flags.DEFINE_enum("mode", "rate", ["rate", "count"], "Sweep bit error rates or exact fault counts."),
         rates=flags.DEFINE_list("rates", [f"{r:g}" for r in study.DEFAULT_RATES], "Bit error rates (--mode=rate)."),

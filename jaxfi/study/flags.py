@@ -25,11 +25,10 @@ app = require("absl.app", "experiments")
 flags = require("absl.flags", "experiments")
 
 EXECUTOR_HELP = (
-    "Campaign executor: loop, auto, grouped, vmap or map. auto decides once per campaign from a "
-    "probe; a campaign's store keeps the executor family that computed it, and resuming it with "
-    "another is an error. The scripts default to loop: at rates that flip many weight bits per trial "
-    "grouped recomputes nearly the whole model, and on ResNet-8 auto spent 20-40 s per campaign "
-    "compiling it (docs/study.md, Cost).")
+    "Campaign executor: loop, auto, grouped, vmap or map. auto decides once per campaign, from the "
+    "work its trials need (estimated from the fault populations, nothing compiled) and, where grouped "
+    "may win, a timed probe; a campaign's store keeps the executor family that computed it, and "
+    "resuming it with another is an error.")
 
 
 BATCH_HELP = (
