@@ -148,10 +148,12 @@ def _split_points(views: Sequence[_PlanView], limit: int) -> dict[int, int]:
     return points
 
 
-def _views(apply_fn, plans: Sequence[Plan], params: Any, inputs: Any, limit: int) -> list[_PlanView]:
+def _views(apply_fn, plans: Sequence[Plan], params: Any, inputs: Any, limit: int,
+           incremental: bool = True) -> list[_PlanView]:
     views = []
     order = None
-    rowed = row_sites(apply_fn, params, inputs) if any(p.kind != "params" for p in plans) else frozenset()
+    rowed = (row_sites(apply_fn, params, inputs, incremental) if any(p.kind != "params" for p in plans)
+             else frozenset())
     for plan in plans:
         sites = tuple(sites_of(apply_fn, plan, params, inputs))
         pop = plan.population(sites)
@@ -203,7 +205,8 @@ class GroupedRunner:
         self._mesh = Mesh(np.asarray(devices), (TRIAL_AXIS,))
         self._args = jax.device_put((trials.base_key, trials.params, trials.inputs),
                                     NamedSharding(self._mesh, PartitionSpec()))
-        self._views = _views(trials.apply_fn, trials.plans, trials.params, trials.inputs, executor.max_programs)
+        self._views = _views(trials.apply_fn, trials.plans, trials.params, trials.inputs, executor.max_programs,
+                             executor.incremental)
         self._programs: dict[Key, Any] = {}
         self._paths: dict[Key, RowProgram] = {}
         # Every golden value on these inputs, computed once and shared by the

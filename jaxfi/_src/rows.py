@@ -18,7 +18,13 @@ with the trial's faults; their number is static (the plans' fault caps).
 Weight faults reach every row. A matmul or convolution of a golden operand
 with a faulted weight is evaluated incrementally: its golden result plus the
 changed weights' terms (a few output columns or channels); from there the
-trial runs on the whole batch. ``incremental=False`` recomputes such layers.
+trial runs on the whole batch, and a matmul or convolution whose input
+changed in a few features only is its golden result plus those features'
+terms. With these incremental layers, matmuls and sums also run on the
+faulted rows alone (they may round one row differently than the batch, so
+a row whose input kept its golden bits keeps the golden result's bits).
+``incremental=False`` recomputes such layers and keeps to the operations
+that compute a row as the batch does, bit for bit.
 
 Records equal ``faulty``'s: the same faults are drawn from the same keys and
 indexed in the whole arrays. Output values may differ from the unsliced trial
@@ -71,6 +77,8 @@ _REDUCTIONS = frozenset({"reduce_max", "reduce_min", "reduce_and", "reduce_or", 
                          "argmax", "argmin"})
 _WINDOWS = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
 _MAX_CONV_CORRECTIONS = 16
+# Row-local, but XLA:CPU may round one row differently than the whole batch.
+_ROUNDED = frozenset({"dot_general", "reduce_sum"})
 # Params that spell the batch size of an operation's output.
 _SHAPE_PARAMS = {"reshape": "new_sizes", "broadcast_in_dim": "shape", "slice": "limit_indices"}
 
@@ -79,9 +87,11 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(x.aval.shape)
 
 
-def _row_operands(eqn: jex.JaxprEqn, batch: int) -> tuple[bool, ...] | None:
+def _row_operands(eqn: jex.JaxprEqn, batch: int, rounded: bool = False) -> tuple[bool, ...] | None:
     """Which operands are sliced by rows when ``eqn`` runs on some rows only,
-    or None if it does not treat each row of its output on its own."""
+    or None if it does not treat each row of its output on its own. With
+    ``rounded``, also the operations that treat each row on its own but may
+    round one row differently than the batch (``_ROUNDED``)."""
     name, p = eqn.primitive.name, eqn.params
     out_rank = len(_shape(eqn.outvars[0]))
     if any(_shape(o)[:1] != (batch,) for o in eqn.outvars):
@@ -116,6 +126,11 @@ def _row_operands(eqn: jex.JaxprEqn, batch: int) -> tuple[bool, ...] | None:
     kind = "reduce" if name in _REDUCTIONS else name
     if kind in keeps_rows and (first or kind in ("reshape", "broadcast_in_dim")) and keeps_rows[kind]():
         return (True,) + rest
+    if rounded and name == "reduce_sum" and first and 0 not in p["axes"]:
+        return (True,)
+    if rounded and name == "dot_general" and first and not rowed(shapes[1]):
+        (lhs_contract, _), (lhs_batch, rhs_batch) = p["dimension_numbers"]
+        return (True, False) if not lhs_batch and not rhs_batch and 0 not in lhs_contract else None
     return None
 
 
@@ -139,12 +154,13 @@ def put_rows(x: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
     return back(raw.at[rows].set(movable(values)[0], mode="drop"))
 
 
-def _batched(flat: interpret.Program, arrays: Sequence[Any], n_params: int, batch: int) -> set[int]:
+def _batched(flat: interpret.Program, arrays: Sequence[Any], n_params: int, batch: int,
+             rounded: bool = False) -> set[int]:
     """Ids of the values whose leading axis is the batch: inputs with a
     leading ``batch`` axis and what row-local operations make of them."""
     batched = {i for i, a in zip(flat.inputs[n_params:], arrays[n_params:]) if np.shape(a)[:1] == (batch,)}
     for op in flat.ops:
-        sliced = _row_operands(op.eqn, batch)
+        sliced = _row_operands(op.eqn, batch, rounded)
         if sliced is not None and any(s and x in batched for x, s in zip(op.ins, sliced) if isinstance(x, int)):
             batched.update(o for o in op.outs if o is not None)
     return batched
@@ -155,15 +171,16 @@ def _batch_size(inputs: Sequence[Any]) -> int:
     return int(np.shape(inputs[0])[0]) if inputs and np.ndim(inputs[0]) else 0
 
 
-def row_sites(fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> frozenset[str]:
+def row_sites(fn: Callable[[Any, Any], Any], params: Any, inputs: Any, rounded: bool = False) -> frozenset[str]:
     """Names of the input and activation sites of ``fn(params, inputs)`` whose
     faults keep row slicing: values with a batch axis (the leading axis of
     ``inputs``), and values after the last such one (from there a trial runs
     on the whole batch anyway). A fault on any other site (a bias broadcast
-    inside a convolutional trunk, say) changes every row."""
+    inside a convolutional trunk, say) changes every row. ``rounded``: row
+    slicing goes through matmuls and sums too (see ``RowProgram``)."""
     flat, arrays = interpret.trace(fn, (params, inputs))
     n_params = len(param_sites(params))
-    batched = _batched(flat, arrays, n_params, _batch_size(arrays[n_params:]))
+    batched = _batched(flat, arrays, n_params, _batch_size(arrays[n_params:]), rounded)
     last = max((n for n, op in enumerate(flat.ops) if batched.intersection(op.outs)), default=-1)
     keep = batched | {o for op in flat.ops[last + 1:] for o in op.outs}
     names = {flat.inputs[n_params + n]: s.name for n, s in enumerate(input_sites((params, inputs)))}
@@ -224,7 +241,7 @@ class RowProgram:
                     faulted.add(ids[site.name])
                 else:
                     self._hooks.setdefault(ids[site.name], []).append(_Hook(i, s))
-        self._analyse(_batched(flat, arrays, n_params, self.batch), faulted)
+        self._analyse(_batched(flat, arrays, n_params, self.batch, incremental), faulted)
         if self.rows > self.batch // 2:
             # So many rows gain little: run on the whole batch from the first fault.
             self._analyse(set(), faulted)
@@ -236,7 +253,7 @@ class RowProgram:
         self._hooked_mode(flat.inputs, batched, mode)
         hows, slices = [], []
         for op in flat.ops:
-            slices.append(_row_operands(op.eqn, self.batch))
+            slices.append(_row_operands(op.eqn, self.batch, self._incremental))
             hows.append(_how(op, slices[-1], mode))
             if hows[-1] is not None:
                 mode.update((o, hows[-1]) for o in op.outs if o is not None)
@@ -249,6 +266,9 @@ class RowProgram:
         self._sparse = {n: k for n, (op, how) in enumerate(zip(flat.ops, hows))
                         if self._incremental and how == "full" and n not in self._corrected
                         and (k := _sparse_cap(op, mode, faulted, self._params_cap))}
+        # Rows a rounding operation computes are golden again where their inputs are.
+        self._checked = {n for n, (op, how) in enumerate(zip(flat.ops, hows))
+                         if how == "rows" and op.eqn.primitive.name in _ROUNDED}
         self._steps = [(op, _rows_recipe(op, sliced, mode) if how == "rows" else None,
                         _full_recipe(op, mode, doubled) if how == "full" or doubled.intersection(op.outs) else None,
                         how) for op, how, sliced in zip(flat.ops, hows, slices)]
@@ -258,7 +278,8 @@ class RowProgram:
         self.rows = sum(self._pops[p].cap for p in self._row_sites)
         reads = {x for op, rows, full, _ in self._steps for recipe in (rows, full) if recipe
                  for x, r in zip(op.ins, recipe) if r in ("golden", "take", "splice")}
-        reads |= {i for n in self._corrected | self._sparse.keys() for i in (flat.ops[n].ins[0], flat.ops[n].outs[0])}
+        reads |= {i for n in self._corrected | self._sparse.keys() | self._checked
+                  for i in (flat.ops[n].ins[0], flat.ops[n].outs[0])}
         reads |= {x for x in flat.outputs if isinstance(x, int) and mode.get(x) == "rows" and x not in doubled}
         reads |= {x for x in flat.outputs if isinstance(x, int) and x not in mode}
         computed = {o for op, rows, full, _ in self._steps if rows or full for o in op.outs}
@@ -417,6 +438,10 @@ class RowProgram:
             if rows_recipe:
                 args = [_operand(x, r, own, gold, rows) for x, r in zip(op.ins, rows_recipe)]
                 _bind(op, args, _row_params(op.eqn, self.rows), own)
+                if n in self._checked:
+                    x, out = op.ins[0], op.outs[0]
+                    own[out] = _golden_where_same(own[out], take_rows(gold[out], rows), args[0],
+                                                  take_rows(gold[x], rows))
             if full_recipe:
                 args = [_operand(x, r, own | own_full, gold, rows) for x, r in zip(op.ins, full_recipe)]
                 _bind(op, args, op.eqn.params, own if how == "full" else own_full)
@@ -629,6 +654,14 @@ def _changed_rows(rows: jax.Array, w_shape: tuple[int, ...], w_axis: int, featur
     inside = changes.valid & jnp.any(match, axis=1)
     coords = [jnp.where(inside, c, n) for c, n in zip(coords, rows.shape)]
     return rows.at[tuple(coords)].add(changes.delta.astype(rows.dtype), mode="drop")
+
+
+def _golden_where_same(computed: jax.Array, golden: jax.Array, x: jax.Array, golden_x: jax.Array) -> jax.Array:
+    """``computed`` rows, but ``golden``'s where the row of ``x`` equals ``golden_x``'s
+    bit for bit: a row the fault did not reach keeps the golden bits, not
+    those of a kernel that rounds one row differently than the batch."""
+    same = jnp.all((bits_lib.to_bits(x) == bits_lib.to_bits(golden_x)).reshape(x.shape[0], -1), axis=1)
+    return jnp.where(same.reshape((-1,) + (1,) * (computed.ndim - 1)), golden, computed)
 
 
 def _value_of(site: Site, raw: jax.Array) -> jax.Array:
