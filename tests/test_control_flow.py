@@ -306,6 +306,13 @@ def test_executors_agree_on_loop_sites(layer_campaign):
     assert (reference["faults"] == 1).all() and reference["sdc"].any()
 
 
+def test_grouped_executor_leaves_loop_sites_to_the_others(layer_campaign):
+    """Its row programs do not see body values: named, it is refused; auto skips it."""
+    with pytest.raises(ValueError, match="scan/while/cond bodies"):
+        layer_campaign.run(trials=12, executor="grouped", quiet=True)
+    assert not layer_campaign.run(trials=12, executor="auto", quiet=True).executor.startswith("grouped")
+
+
 def test_flax_nnx_scan_layers_are_loop_sites():
     nnx = pytest.importorskip("flax.nnx")
 
