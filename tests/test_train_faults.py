@@ -171,7 +171,11 @@ def test_vectorized_trials_equal_independent_runs(activation_campaign):
     check_against_independent(c, result, range(6))
     table = result.table()
     assert set(table["outcome"]) <= set(["masked", "immediate_inf_nan", "slow_degrade", "recovered"])
-    assert all(s.startswith("backward/") for s in table["site"])
+    assert all(s.startswith("backward/out/") for s in table["site"])
+    assert np.all((table["bit"] >= 0) & (table["bit"] < 32)) and np.all(table["faults"] == 1)
+    shares = result.shares(by="site")
+    assert shares["count"].sum() == 6 and set(shares["outcome"]) == set(jaxfi.TRAINING_OUTCOMES)
+    assert np.all((shares["lo"] <= shares["share"]) & (shares["share"] <= shares["hi"]))
 
 
 def test_state_faults_equal_independent_runs_and_fail_fast(toy):

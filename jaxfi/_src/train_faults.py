@@ -803,16 +803,15 @@ class TrainingResult:
         plan 0), metric, identical, stopped, outcome."""
         a = self.arrays
         valid = a["p0_valid"]
-        first = np.where(valid.any(axis=1), np.argmax(valid, axis=1), 0)
-        pick = lambda name: np.take_along_axis(a[name], first[:, None], axis=1)[:, 0]  # noqa: E731
-        site = pick("p0_site")
-        mask = pick("p0_mask").astype(np.uint64)
+        first = np.where(valid.any(axis=1), np.argmax(valid, axis=1), 0)[:, None]
+        field = {f: np.take_along_axis(a[f"p0_{f}"], first, axis=1)[:, 0] for f in Record._fields[:5]}
+        mask = field["mask"].astype(np.uint64)
         bit = np.where(mask > 0, np.floor(np.log2(np.maximum(mask, 1).astype(np.float64))), -1).astype(int)
         names = np.array(list(self.sites[0]) + [""], dtype=object)
         return pd.DataFrame({
             "trial": a["trial"], "fault_step": a["fault_step"], "faults": valid.sum(axis=1),
-            "site": names[np.where(valid.any(axis=1), site, -1)], "index": pick("p0_index"), "bit": bit,
-            "before": pick("p0_before"), "after": pick("p0_after"), "metric": a["metric"],
+            "site": names[np.where(valid.any(axis=1), field["site"], -1)], "index": field["index"], "bit": bit,
+            "before": field["before"], "after": field["after"], "metric": a["metric"],
             "identical": a["identical"], "stopped": a["stopped"], "outcome": self.outcomes(thresholds)})
 
     def shares(self, by: str | None = None, thresholds: TrainingThresholds = TrainingThresholds(),
