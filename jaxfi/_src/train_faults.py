@@ -30,9 +30,12 @@ campaign (``trial_key(base, i)``). The work a fault cannot change is done once:
   with NaN.
 
 Trials run as one compiled program per chunk (``lax.map`` over trials of a
-``lax.scan`` over steps). Every run checks that the golden trial computed by
-that program ends bit-identical to the golden run, so "bit-identical to
-golden" is never an artefact of two programs rounding differently.
+``lax.scan`` over steps), or with ``executor="loop"`` as a Python loop over
+the same jitted steps; both give the same bits. Every run checks that the
+golden trial computed by that program ends bit-identical to the golden run,
+so "bit-identical to golden" is never an artefact of two programs rounding
+differently. ``TrainingCampaign.independent`` runs a trial as an independent
+training run from step 0, the reference the tests compare with bit for bit.
 """
 
 from __future__ import annotations
