@@ -65,6 +65,16 @@ def test_matmul_model_agrees_on_every_event():
     np.testing.assert_allclose(tables[0]["max_abs_dev"], tables[1]["max_abs_dev"], rtol=1e-5)
 
 
+def test_grouped_executor_runs_microbatches_with_the_one_batch_events():
+    """The grouped executor's programs serve every microbatch (Runner.on): the
+    events equal the one-batch grouped run's (their golden runs are per program)."""
+    tables = [jaxfi.Campaign(matmul_mlp, PARAMS, X, Y, PARAMS_PLAN, seed=3, batch_size=size)
+              .run(12, executor="grouped", quiet=True).table for size in (None, 4)]
+    events = ["sdc", "sdc5", "due", "masked", "sdc_inputs", "due_inputs", "accuracy", "faults", "program"]
+    _same_table(tables[0][events], tables[1][events])
+    assert tables[0]["sdc"].any()
+
+
 def test_replay_of_a_microbatched_trial_equals_its_row(whole):
     campaign = jaxfi.Campaign(mlp, PARAMS, X, Y, PERMANENT_PLAN, seed=3, batch_size=3)
     trial = campaign.replay(5)
