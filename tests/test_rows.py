@@ -12,7 +12,7 @@ from jax import lax
 import jaxfi
 from jaxfi._src import executors as ex
 from jaxfi._src.inject import apply_rows, apply_site, sample_faults
-from jaxfi._src.rows import RowProgram, put_rows, row_sites, take_rows
+from jaxfi._src.rows import RowProgram, kernel_element_term, put_rows, row_sites, take_rows
 from jaxfi._src.trial import restricted, sites_of, trial_function
 
 BATCH = 16
@@ -303,3 +303,33 @@ def test_incremental_rows_go_through_matmuls_and_keep_golden_bits_where_nothing_
             killed += 1
             assert ex.same_bits(out, own_golden), i
     assert killed >= 5
+
+
+@pytest.mark.parametrize("layout, strides, padding, dilation", [
+    (("NHWC", "HWIO", "NHWC"), (1, 1), "SAME", (1, 1)),
+    (("NHWC", "HWIO", "NHWC"), (2, 2), ((1, 0), (0, 1)), (1, 1)),
+    (("NCHW", "OIHW", "NCHW"), (2, 1), "VALID", (2, 1)),
+])
+def test_one_kernelkernel_element_term_equals_the_convolution_of_its_delta(layout, strides, padding, dilation):
+    """The correction of one changed kernel element (a strided window of one
+    input channel times the change) equals the convolution with a kernel
+    holding only that change."""
+    rng = np.random.default_rng(4)
+    lhs, rhs, _ = layout
+    x = jnp.asarray(rng.normal(size=(2, 3, 7, 6) if lhs == "NCHW" else (2, 7, 6, 3)), jnp.float32)
+    kernel_shape = (4, 3, 3, 2) if rhs == "OIHW" else (3, 2, 3, 4)
+    w = jnp.zeros(kernel_shape, jnp.float32)
+
+    def conv(x, w):
+        return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=layout)
+
+    eqn = jax.make_jaxpr(conv)(x, w).eqns[0]
+    dn = eqn.params["dimension_numbers"]
+    for element in [(0, 1, 2, 1), (3, 2, 0, 1)] if rhs == "OIHW" else [(2, 1, 1, 3), (0, 0, 2, 0)]:
+        delta = jnp.float32(0.75)
+        expected = conv(x, w.at[element].set(delta))
+        out_channel = element[dn.rhs_spec[0]]
+        expected = lax.dynamic_slice_in_dim(expected, out_channel, 1, axis=dn.out_spec[1])
+        term = kernel_element_term(eqn, x, [element[d] for d in dn.rhs_spec[2:]], element[dn.rhs_spec[1]], delta,
+                             eqn.outvars[0].aval.shape)
+        np.testing.assert_allclose(term, expected, rtol=1e-6, atol=1e-6)
