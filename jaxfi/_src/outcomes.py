@@ -131,23 +131,48 @@ def per_input(g: Golden, outputs: np.ndarray) -> dict[str, np.ndarray]:
 
     Inputs are independent here, so the figures of a batch split into
     microbatches, concatenated along the input axis, reduce to the same
-    outcomes as the whole batch's.
+    outcomes as the whole batch's. Only the inputs whose logits differ from
+    golden's in any bit are examined; the others have golden's figures.
     """
     if outputs.shape[1:] != g.output.shape:
         raise ValueError(f"trial outputs have shape {list(outputs.shape[1:])}, golden "
                          f"{list(g.output.shape)}")
     t = outputs.shape[0]
-    faulty = outputs.reshape(t, *g.logits.shape)
-    wide = faulty.astype(np.float64)
-    finite = np.isfinite(wide).all(axis=2)
-    top1 = np.argmax(np.where(np.isfinite(wide), wide, -np.inf), axis=2)
-    changed = finite & (top1 != g.top1)
-    out = {"finite": finite, "changed": changed,
-           "left5": finite & ~(top1[:, :, None] == g.top5[None]).any(axis=2)}
+    faulty = np.ascontiguousarray(outputs).reshape(t, *g.logits.shape)
+    uint = np.dtype(f"u{faulty.dtype.itemsize}")
+    same = (faulty.view(uint) == np.ascontiguousarray(g.logits).view(uint)[None]).all(axis=2)
+    trial, where = np.nonzero(~same)
+    figures = _differing(g, faulty[trial, where], where)
+    golden_square = (g.logits.astype(np.float64) ** 2).sum(axis=1)
+    out = {"finite": np.ones((t, g.batch), bool), "changed": np.zeros((t, g.batch), bool),
+           "left5": np.zeros((t, g.batch), bool), "max_abs": np.zeros((t, g.batch)),
+           "square": np.zeros((t, g.batch)), "golden_square": np.broadcast_to(golden_square, (t, g.batch)),
+           "unbounded": np.zeros((t, g.batch), bool), "same": same}
     if g.correct is not None:
-        out["changed_correct"] = changed & g.correct
-        out["right"] = finite & (top1 == g.labels)
-    out.update(_deviation(g.logits, faulty))
+        out["changed_correct"] = np.zeros((t, g.batch), bool)
+        out["right"] = np.broadcast_to(g.correct, (t, g.batch)).copy()
+    for name, values in figures.items():
+        out[name][trial, where] = values
+    return out
+
+
+def _differing(g: Golden, rows: np.ndarray, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """``per_input``'s figures of faulty logit ``rows`` [M, C] of golden's ``inputs`` [M]."""
+    wide = rows.astype(np.float64)
+    finite = np.isfinite(wide).all(axis=1)
+    top1 = np.argmax(np.where(np.isfinite(wide), wide, -np.inf), axis=1)
+    changed = finite & (top1 != g.top1[inputs])
+    out = {"finite": finite, "changed": changed,
+           "left5": finite & ~(top1[:, None] == g.top5[inputs]).any(axis=1)}
+    if g.correct is not None:
+        out["changed_correct"] = changed & g.correct[inputs]
+        out["right"] = finite & (top1 == g.labels[inputs])
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = wide - g.logits[inputs].astype(np.float64)
+        out["unbounded"] = ~np.isfinite(diff).all(axis=1)
+        diff = np.where(np.isfinite(diff), diff, 0.0)
+    out["max_abs"] = np.abs(diff).max(axis=1, initial=0.0)
+    out["square"] = (diff * diff).sum(axis=1)
     return out
 
 
@@ -172,22 +197,6 @@ def reduce_inputs(per: Mapping[str, np.ndarray], labelled: bool) -> dict[str, np
     out["rel_l2"] = np.where(bad, np.inf, rel)
     out["identical"] = per["same"].all(axis=1)
     return {name: np.asarray(out[name]) for name in builtin_names(labelled)}
-
-
-def _deviation(golden_logits: np.ndarray, faulty: np.ndarray) -> dict[str, np.ndarray]:
-    """Per trial and input: largest |difference|, sum of squares, golden's sum of
-    squares, whether a difference is non-finite, whether the bits are equal."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = faulty.astype(np.float64) - golden_logits.astype(np.float64)[None]
-        unbounded = ~np.isfinite(diff).all(axis=2)
-        diff = np.where(np.isfinite(diff), diff, 0.0)
-        golden_square = (golden_logits.astype(np.float64) ** 2).sum(axis=1)
-    uint = np.dtype(f"u{faulty.dtype.itemsize}")
-    return {"max_abs": np.abs(diff).max(axis=2, initial=0.0),
-            "square": (diff * diff).sum(axis=2),
-            "golden_square": np.broadcast_to(golden_square, unbounded.shape),
-            "unbounded": unbounded,
-            "same": (faulty.view(uint) == golden_logits.view(uint)[None]).all(axis=2)}
 
 
 def custom_names(fns: Sequence[OutcomeFn], g: Golden, taken: Sequence[str]) -> dict[str, np.dtype]:
