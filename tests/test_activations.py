@@ -373,3 +373,19 @@ def test_bad_selections(linen):
         jaxfi.ModuleOutput("CNN/(")
     with pytest.raises(TypeError, match="flax.nnx.Module"):
         jaxfi.named_scopes(linen.fn)
+
+
+def test_output_of_a_primitive_with_a_body_is_a_site():
+    """scatter-add carries an update body; its own output is an ordinary site
+    (it appears in the gradient of an integer-label cross-entropy)."""
+    def fn(params, x):
+        return jnp.tanh(jnp.zeros((x.shape[0], 4)).at[:, 1].add(x @ params["w"]))
+
+    params = {"w": jnp.ones((3,), jnp.float32)}
+    x = jnp.arange(6, dtype=jnp.float32).reshape(2, 3) / 10
+    plan = jaxfi.Plan(jaxfi.Activations(primitive="scatter-add"), jaxfi.BitFlip(bits=(30,)), count=1)
+    out, (record,) = jax.jit(jaxfi.faulty(fn, plan))(jax.random.key(0), params, x)
+    golden = fn(params, x)
+    assert bool(record.valid[0])
+    changed = np.argwhere(np.asarray(out) != np.asarray(golden))
+    assert changed.tolist() == [list(np.unravel_index(int(record.index[0]), (2, 4)))]

@@ -181,9 +181,12 @@ def iteration_name(site: ActivationSite, iteration: int) -> str:
     return name
 
 
-def _touches(span: tuple[int, int], touched: list[int]) -> bool:
-    i = bisect.bisect_left(touched, span[0])
-    return i < len(touched) and touched[i] < span[1]
+def _touches(node: interpret.Node, touched: list[int]) -> bool:
+    """Whether a hooked value is created inside ``node`` (its own outputs are
+    hooked after it, like any equation's)."""
+    lo, hi = node.span
+    i = bisect.bisect_left(touched, lo)
+    return any(touched[j] not in node.ids for j in range(i, bisect.bisect_left(touched, hi)))
 
 
 # A hook with state: ``(value, counters, state) -> (value, state)``, where
@@ -207,7 +210,7 @@ class _Evaluation:
         self.touched = sorted(hooks)
 
     def rules(self) -> interpret.Rules:
-        return interpret.Rules(descend=lambda node: _touches(node.span, self.touched),
+        return interpret.Rules(descend=lambda node: _touches(node, self.touched),
                                after=self.after, control=self.control)
 
     def after(self, ids: tuple[int | None, ...], outs: list[Any]) -> list[Any]:
