@@ -7,8 +7,8 @@ program restricted (``trial.restricted``) to the sites of that layer and
 later ones and split there (``rows``): the golden values it reads are
 computed once for all groups, and each trial computes only what its faults reach:
 from a weight fault on, the whole batch, the faulted matmul or convolution
-itself as its golden result plus the changed weights' terms, and a later one
-whose input changed in a few features as its golden result plus those
+itself as its golden result plus the changed weights' terms, and a later
+matmul whose input changed in a few features as its golden result plus those
 features' terms; from an input or activation fault on, the rows it hit, up
 to the first operation that mixes rows. Trials that also hit a site without
 a batch axis (a broadcast bias, say) form groups of their own without row

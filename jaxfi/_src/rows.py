@@ -18,11 +18,11 @@ with the trial's faults; their number is static (the plans' fault caps).
 Weight faults reach every row. A matmul or convolution of a golden operand
 with a faulted weight is evaluated incrementally: its golden result plus the
 changed weights' terms (a few output columns or channels); from there the
-trial runs on the whole batch, and a matmul or convolution whose input
-changed in a few features only is its golden result plus those features'
-terms. With these incremental layers, matmuls and sums also run on the
-faulted rows alone (they may round one row differently than the batch, so
-a row whose input kept its golden bits keeps the golden result's bits).
+trial runs on the whole batch, and a matmul whose input changed in a few
+features only is its golden result plus those features' terms. With these
+incremental layers, matmuls and sums also run on the faulted rows alone
+(they may round one row differently than the batch, so a row whose input
+kept its golden bits keeps the golden result's bits).
 ``incremental=False`` recomputes such layers and keeps to the operations
 that compute a row as the batch does, bit for bit.
 
@@ -341,8 +341,8 @@ class RowProgram:
 
     @property
     def sparse(self) -> tuple[str, ...]:
-        """The primitives evaluated as their golden result plus the changed
-        input features' terms when few features changed, in program order."""
+        """The matmuls evaluated as their golden result plus the changed input
+        features' terms when few features changed, in program order."""
         return tuple(self._flat.ops[n].eqn.primitive.name for n in sorted(self._sparse))
 
     def _hooked_mode(self, ids: Sequence[int | None], batched: set[int], mode: dict[int, str]) -> None:
@@ -611,40 +611,34 @@ def kernel_element_term(eqn: jex.JaxprEqn, x: jax.Array, at: Sequence[jax.Array]
 
 
 def _sparse_cap(op: interpret.Op, mode: dict[int, str], faulted: set[int], cap: int) -> int:
-    """Most changed input features for which ``op``, a matmul or convolution
-    of a trial value with a golden or correctable faulted weight, is cheaper
+    """Most changed input features for which ``op``, a matmul of a trial
+    value with a golden or correctable faulted weight, is cheaper
     as an update of its golden result (``_sparse_update``) than recomputed;
     0 if it is not such an op."""
-    if not _linear(op):
+    # Not convolutions: XLA:CPU runs one with a few input channels nearly as
+    # slowly as the whole one (ResNet-8's weight trials lost a third).
+    if not _linear(op) or op.eqn.primitive.name != "dot_general":
         return 0
     x, w = op.ins
     if not (isinstance(x, int) and mode.get(x) == "full" and isinstance(w, int)):
         return 0
     if w in mode and not (w in faulted and _weight_correctable(op, cap)):
         return 0
-    if op.eqn.primitive.name == "dot_general":
-        features = _shape(op.eqn.invars[0])[-1]
-    else:
-        features = _shape(op.eqn.invars[0])[op.eqn.params["dimension_numbers"].lhs_spec[1]]
     # Beyond an eighth of the features the update costs about as much as the op.
-    return features // 8
+    return _shape(op.eqn.invars[0])[-1] // 8
 
 
 def _sparse_update(eqn: jex.JaxprEqn, golden: jax.Array, golden_x: jax.Array, x: jax.Array,
                    w: jax.Array, cap: int, changes: Changes | None) -> jax.Array:
-    """``eqn`` on ``x`` and the golden weight ``w`` with ``changes`` (None: none).
+    """The matmul ``eqn`` on ``x`` and the golden weight ``w`` with ``changes`` (None: none).
 
     ``x W' = x_g W' + (x - x_g) W'``: the first term is ``golden`` corrected
     for the changed weights, the second runs on the input features where
     ``x`` differs from ``golden_x`` (bits), at most ``cap`` of them; with more,
     the op is recomputed. Far less work than recomputing, rounded differently.
     """
-    if eqn.primitive.name == "dot_general":
-        axis, w_axis = x.ndim - 1, 0
-    else:
-        dn = eqn.params["dimension_numbers"]
-        axis, w_axis = dn.lhs_spec[1], dn.rhs_spec[1]
-    others = tuple(d for d in range(x.ndim) if d != axis)
+    axis, w_axis = x.ndim - 1, 0
+    others = tuple(range(axis))
     changed = jnp.any(bits_lib.to_bits(x) != bits_lib.to_bits(golden_x), axis=others)
     count = jnp.sum(changed)
     features = jnp.nonzero(changed, size=cap, fill_value=changed.shape[0])[0]
