@@ -532,21 +532,18 @@ class _Session:
 
 def _fits(chosen: exec_lib.Executor, campaign: Campaign) -> bool:
     """Whether ``chosen`` can run ``campaign``: the grouped executor slices rows
-    and draws faults itself (so no permanent or fault-list plans, and no sites
-    inside loop or branch bodies, which its row programs do not see) and
-    needs ``on`` for microbatches."""
+    and draws faults itself, so no permanent or fault-list plans, and no sites
+    inside loop or branch bodies, which its row programs do not see."""
     if not isinstance(chosen, exec_lib.GroupedExecutor):
         return True
     special = any(p.permanent or p.faults is not None for p in campaign.plans)
-    special |= any(getattr(site, "control_flow", "") for sites in campaign.sites for site in sites)
-    return not special and (len(campaign._spans) == 1 or callable(getattr(exec_lib.GroupedRunner, "on", None)))
+    return not special and not any(getattr(site, "control_flow", "") for sites in campaign.sites for site in sites)
 
 
 def _check_fits(chosen: exec_lib.Executor, campaign: Campaign) -> None:
     if not _fits(chosen, campaign):
         raise ValueError(f"executor {chosen.name!r} cannot run this campaign (permanent or fault-list plans, "
-                         "sites inside scan/while/cond bodies, or microbatches without Runner.on): use 'loop', "
-                         "'map', 'vmap' or 'auto'")
+                         "or sites inside scan/while/cond bodies): use 'loop', 'map', 'vmap' or 'auto'")
 
 
 def _runner_key(chosen: exec_lib.Executor, width: int, devices: Sequence[jax.Device]) -> tuple[Any, ...]:
