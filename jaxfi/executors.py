@@ -5,7 +5,8 @@ draws the same faults (records bitwise equal), and each trial is compared
 with the golden run of the program that computed it. The reference family
 (loop, map, vmap) gives the unbatched trial's bits; the grouped executor is
 the fast path. ``same_bits`` says whether two results are bitwise equal;
-``downstream_work`` is the share of a forward pass a trial's faults reach.
+``downstream_work`` is the share of a forward pass a trial's faults reach;
+``cache_compilation`` keeps compiled programs on disk for later processes.
 """
 
 from jaxfi._src.executors import (
@@ -15,6 +16,7 @@ from jaxfi._src.executors import (
     MapExecutor,
     NotBitwiseError,
     VmapExecutor,
+    cache_compilation,
     executor,
     same_bits,
 )
@@ -27,6 +29,7 @@ __all__ = [
     "MapExecutor",
     "NotBitwiseError",
     "VmapExecutor",
+    "cache_compilation",
     "downstream_work",
     "executor",
     "same_bits",

@@ -32,6 +32,8 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import os
+import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -417,6 +419,23 @@ def _compile_estimate(runner: Runner, start: int, sample: int, loop_compile: flo
     before = runner.compile_seconds
     runner(first, first + 1)
     return len(set(keys)) * (runner.compile_seconds - before)
+
+
+def cache_compilation(directory: str | os.PathLike[str]) -> None:
+    """Keep every program this process compiles in ``directory`` (JAX's
+    persistent compilation cache) and load it from there instead of compiling
+    it again: a resumed campaign, a later run and the other processes of a
+    distributed one (on a shared file system) start without recompiling. A
+    loaded program is the same executable, so it computes the same bits.
+
+    The directory is trusted code: keep it where only you can write.
+    """
+    path = pathlib.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # Every program: a grouped program or a faulty trial costs seconds to
+    # compile and milliseconds to load, below JAX's default threshold of 1 s.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _timed(runner: Runner, start: int, stop: int) -> float:

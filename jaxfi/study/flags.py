@@ -38,6 +38,13 @@ BATCH_HELP = (
     "Default: all at once.")
 
 
+CACHE_HELP = (
+    "Directory of JAX's persistent compilation cache (jaxfi.executors.cache_compilation): a resumed or "
+    "repeated run, and the other processes of a distributed one, load compiled programs from it instead "
+    "of compiling them again (the same executables, so the same bits). Default: WORKDIR/compilation_cache; "
+    "'none' turns it off.")
+
+
 def check_rates(values: Sequence[str]) -> list[float]:
     """Bit error rates from flag strings.
 
@@ -169,9 +176,11 @@ class CommonFlags:
     seed: Any
     epochs: Any
     batch_size: Any
+    compilation_cache: Any
 
     def load(self, **options: Any) -> tuple[pathlib.Path, list[Subject]]:
-        """Joins the processes of the distributed flags, then creates the workdir and ``load_subjects``.
+        """Joins the processes of the distributed flags, creates the workdir, turns on the
+        compilation cache of ``--compilation_cache`` and runs ``load_subjects``.
 
         With several processes the workdir must be on a file system they all
         share (their stores are there too): process 0 trains the models that
@@ -189,6 +198,8 @@ class CommonFlags:
         distributed.initialize_from_flags()
         workdir = pathlib.Path(self.workdir.value)
         workdir.mkdir(parents=True, exist_ok=True)
+        if self.compilation_cache.value != "none":
+            executors.cache_compilation(self.compilation_cache.value or workdir / "compilation_cache")
         lead = jax.process_index() == 0
         try:
             subjects = self._subjects(workdir, lead, **options) if lead else None
@@ -239,7 +250,8 @@ def define_common_flags(*, eval_size: int, chunk_size: int, executor: str = "loo
         chunk_size=flags.DEFINE_integer("chunk_size", chunk_size, chunk_help, lower_bound=1),
         seed=flags.DEFINE_integer("seed", 0, "Seed of the faults and of the evaluation subset."),
         epochs=flags.DEFINE_integer("epochs", None, "Training epochs (default: per model).", lower_bound=1),
-        batch_size=flags.DEFINE_integer("batch_size", None, BATCH_HELP, lower_bound=1))
+        batch_size=flags.DEFINE_integer("batch_size", None, BATCH_HELP, lower_bound=1),
+        compilation_cache=flags.DEFINE_string("compilation_cache", "", CACHE_HELP))
     validate("models", lambda names: check_choices(names, models.MODELS, "model"))
     validate("executor", check_executor)
     distributed.define_flags()
