@@ -6,13 +6,17 @@ For each model and fault case it prints, from one run on this machine:
 * trials/s of the per-trial Python loop over a jitted faulty forward (how
   PyTorchFI and the other peers run), and of the "grouped", "map" and "vmap"
   executors, each through ``Campaign.run`` (outcomes included), steady state:
-  the second run of the same trials, programs already compiled;
+  the same trials run again, programs already compiled; the loop and
+  grouped take turns ``--rounds`` times and give their median rate;
 * compile seconds (``Result.compile_seconds``);
 * what "auto" picks and the wall time of a whole ``--campaign``-trial
   campaign in a fresh process (from ``Campaign(...)`` to its Result,
-  compilation included) with ``executor="auto"`` and with "grouped", next
-  to the loop's time for the same campaign estimated from its compile and
-  steady rate;
+  compilation included) with ``executor="auto"`` and with "grouped" (the
+  least of ``--fresh_repeats`` turns each), with "grouped" again in a fresh
+  process whose compilation cache an earlier one filled
+  (``jaxfi.executors.cache_compilation``: a resumed or repeated campaign),
+  next to the loop's time for the same campaign estimated from its compile
+  and steady rate;
 * ``downstream_work``: the expected share of the forward's multiply-adds
   after a trial's first faulted layer (``jaxfi.executors.downstream_work``),
   and ``mac_bound`` = 1 / that: what skipping the golden prefix can save
@@ -38,6 +42,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -87,9 +92,25 @@ def golden_rate(apply_fn, params, images, repeats: int = 5) -> float:
 def timed_run(campaign: jaxfi.Campaign, trials: int, executor: str, chunk: int) -> tuple[Any, float, float]:
     """The result, compile seconds and steady trials/s of ``executor`` on ``trials`` trials."""
     result = campaign.run(trials, executor=executor, chunk_size=chunk, quiet=True)
+    return result, result.compile_seconds, steady_rate(campaign, trials, executor, chunk)
+
+
+def steady_rate(campaign: jaxfi.Campaign, trials: int, executor: str, chunk: int) -> float:
+    """Trials/s of ``executor`` on ``trials`` trials, programs already compiled."""
     began = time.perf_counter()
     campaign.run(trials, executor=executor, chunk_size=chunk, quiet=True)
-    return result, result.compile_seconds, trials / (time.perf_counter() - began)
+    return trials / (time.perf_counter() - began)
+
+
+def interleaved(campaign: jaxfi.Campaign, runs: dict[str, tuple[int, str, int]], rounds: int) -> dict[str, float]:
+    """Median steady trials/s of each run (name -> trials, executor, chunk), the
+    runs taking turns ``rounds`` times so that a change in the machine's load
+    falls on all of them alike."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (trials, executor, chunk) in runs.items():
+            rates[name].append(steady_rate(campaign, trials, executor, chunk))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def agreement(fast: Any, reference: Any) -> tuple[float, list[int]]:
@@ -102,14 +123,34 @@ def agreement(fast: Any, reference: Any) -> tuple[float, list[int]]:
     return float(same.mean()), [int(t) for t in b["trial"][~same]]
 
 
-def fresh_campaign(name: str, case: str, trials: int, workdir: str, executor: str) -> dict[str, Any]:
-    """A whole campaign in a fresh process (Campaign construction and compilation included)."""
-    done = subprocess.run([sys.executable, __file__, "--fresh", name, case, str(trials), workdir, executor],
+def fresh_campaign(name: str, case: str, trials: int, workdir: str, executor: str, cache: str = "") -> dict[str, Any]:
+    """A whole campaign in a fresh process (Campaign construction and compilation
+    included), with JAX's persistent compilation cache in ``cache`` if given."""
+    done = subprocess.run([sys.executable, __file__, "--fresh", name, case, str(trials), workdir, executor, cache],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _fresh(name: str, case: str, trials: int, workdir: str, executor: str) -> None:
+def fresh_campaigns(name: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Fresh-process campaigns: auto and grouped taking turns ``--fresh_repeats``
+    times (the least wall time of each), then grouped again with a compilation
+    cache that one earlier process filled (a resumed or repeated campaign)."""
+    runs: dict[str, list[dict[str, Any]]] = {"auto": [], "grouped": []}
+    for _ in range(args.fresh_repeats):
+        for executor, done in runs.items():
+            done.append(fresh_campaign(name, case, args.campaign, args.workdir, executor))
+    with tempfile.TemporaryDirectory() as cache:
+        fresh_campaign(name, case, args.campaign, args.workdir, "grouped", cache)
+        cached = fresh_campaign(name, case, args.campaign, args.workdir, "grouped", cache)
+    return {"auto_picked": runs["auto"][0]["executor"],
+            "campaign_auto_s": min(r["seconds"] for r in runs["auto"]),
+            "campaign_grouped_s": min(r["seconds"] for r in runs["grouped"]),
+            "campaign_grouped_cached_s": cached["seconds"]}
+
+
+def _fresh(name: str, case: str, trials: int, workdir: str, executor: str, cache: str) -> None:
+    if cache:
+        jaxfi.executors.cache_compilation(cache)
     apply_fn, params, images, labels = subject(name, workdir)
     began = time.perf_counter()
     campaign = jaxfi.Campaign(apply_fn, params, images, labels, CASES[case][1](), seed=0)
@@ -125,8 +166,11 @@ def bench(name: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name, "case": CASES[case][0], "batch": batch,
                            "golden_batches_per_s": golden_rate(apply_fn, params, images)}
     campaign = jaxfi.Campaign(apply_fn, params, images, labels, CASES[case][1](), seed=0)
-    reference, row["loop_compile_s"], row["loop"] = timed_run(campaign, n_loop, "loop", 64)
-    fast, row["grouped_compile_s"], row["grouped"] = timed_run(campaign, n_fast, "grouped", 256)
+    reference = campaign.run(n_loop, executor="loop", chunk_size=64, quiet=True)
+    fast = campaign.run(n_fast, executor="grouped", chunk_size=256, quiet=True)
+    row["loop_compile_s"], row["grouped_compile_s"] = reference.compile_seconds, fast.compile_seconds
+    row.update(interleaved(campaign, {"loop": (n_loop, "loop", 64), "grouped": (n_fast, "grouped", 256)},
+                           args.rounds))
     row["grouped/loop"] = row["grouped"] / row["loop"]
     work = jaxfi.executors.downstream_work(apply_fn, params, images, [CASES[case][1]()])
     row["downstream_work"], row["mac_bound"] = work, 1.0 / work if work else float("inf")
@@ -140,10 +184,7 @@ def bench(name: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
     row["fast_sdc_rate"] = float(fast.table["sdc"].iloc[:n_loop].mean())
     row["loop_sdc_rate"] = float(reference.table["sdc"].mean())
     if args.campaign:
-        whole = fresh_campaign(name, case, args.campaign, args.workdir, "auto")
-        row["auto_picked"] = whole["executor"]
-        row["campaign_auto_s"] = whole["seconds"]
-        row["campaign_grouped_s"] = fresh_campaign(name, case, args.campaign, args.workdir, "grouped")["seconds"]
+        row.update(fresh_campaigns(name, case, args))
         row["campaign_loop_estimate_s"] = row["loop_compile_s"] + args.campaign / row["loop"]
     return row
 
@@ -155,6 +196,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1024, help="most trials the loop runs per case")
     parser.add_argument("--campaign", type=int, default=9604,
                         help="trials of the fresh-process campaign (0: skip); ResNet-18 skips it")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="turns the loop and grouped take at steady state (median rate of each)")
+    parser.add_argument("--fresh_repeats", type=int, default=2,
+                        help="turns auto and grouped take at the fresh-process campaign (least time of each)")
     parser.add_argument("--workdir", default="runs/models")
     parser.add_argument("--out", default="", help="also write the rows as JSON lines here")
     args = parser.parse_args()
@@ -170,6 +215,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--fresh":
-        _fresh(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6])
+        _fresh(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7])
     else:
         main()

@@ -386,24 +386,25 @@ def choose(auto: AutoExecutor, trials: Trials, chunk_size: int, devices: Sequenc
     return best, runner, table
 
 
-# Half the least any group program took to compile on these machines (about
-# 1 s on the small CNN; up to 12 s per program on ResNet-8): the loop's
-# compile, when "auto" reads it off the golden forward, leaves out the fault
-# injection, which dominates a trial's compile.
-_LEAST_PROGRAM_COMPILE_S = 0.5
+# About the least any group program took to compile on these machines (1 to
+# 1.2 s on the small CNN; 2 to 6 s per program on ResNet-8, two to three
+# times its golden forward): the loop's compile, when "auto" reads it off the
+# golden forward, leaves out the fault injection, which dominates a trial's
+# compile.
+_LEAST_PROGRAM_COMPILE_S = 1.0
 
 
 def _hopeless(grouped: GroupedExecutor, trials: Trials, sample: int, remaining: int, loop_rate: float,
               loop_compile: float, loop_estimate: float) -> bool:
     """Whether the grouped executor cannot beat the loop even at its best: its
     expected work per trial (a share of the forward pass) at the loop's rate,
-    plus, per program it would compile, half the loop's compile and at least
+    plus, per program it would compile, the loop's compile and at least
     ``_LEAST_PROGRAM_COMPILE_S``. Judged for params plans only: row slicing
     makes activation and input faults cheaper than their work says."""
     if any(plan.kind != "params" for plan in trials.plans or ()):
         return False
     work, programs = grouped.estimate(trials, sample)
-    compile_s = programs * max(loop_compile / 2, _LEAST_PROGRAM_COMPILE_S)
+    compile_s = programs * max(loop_compile, _LEAST_PROGRAM_COMPILE_S)
     return remaining * work / loop_rate + compile_s >= loop_estimate
 
 
