@@ -337,10 +337,11 @@ def choose(auto: AutoExecutor, trials: Trials, chunk_size: int, devices: Sequenc
     sample of ``auto.sample`` trials; it is skipped when the loop would finish
     before the candidate compiled the programs that sample needs (that
     measured compile times their number), or without building it when even its
-    best case loses (``_hopeless``: the work its trials need, estimated from
-    the plans' populations). Otherwise it runs the sample twice,
-    compiling then running, and the second run gives its rate. Reference-family candidates (vmap,
-    map) must also give the loop's bits. The choice is the least estimated
+    best case loses (``_best_case``: the work its trials need, estimated from
+    the plans' populations; the table's estimate_s for it). Otherwise it runs
+    the sample twice, compiling then running, and the second run gives its
+    rate. Reference-family candidates (vmap, map) must also give the loop's
+    bits. The choice is the least estimated
     time to finish from here (compiles already paid are not counted); the
     table (executor, trials_per_s, compile_s, estimate_s, usable, chosen)
     says why. The runner returned is None when the loop, not yet built, wins.
@@ -361,9 +362,10 @@ def choose(auto: AutoExecutor, trials: Trials, chunk_size: int, devices: Sequenc
     for candidate in auto.candidates:
         if isinstance(candidate, LoopExecutor):
             continue
-        if isinstance(candidate, GroupedExecutor) and _hopeless(candidate, trials, sample, remaining,
-                                                                 loop_rate, loop_compile, loop_estimate):
-            rows.append(_row(candidate.name, float("nan"), float("nan"), float("inf"), False))
+        best = (_best_case(candidate, trials, sample, remaining, loop_rate, loop_compile)
+                if isinstance(candidate, GroupedExecutor) else None)
+        if best is not None and best >= loop_estimate:
+            rows.append(_row(candidate.name, float("nan"), float("nan"), best, False))
             continue
         runner = candidate.build(trials, chunk_size, devices)
         if _compile_estimate(runner, start, sample, loop_compile) > loop_estimate:
@@ -394,18 +396,17 @@ def choose(auto: AutoExecutor, trials: Trials, chunk_size: int, devices: Sequenc
 _LEAST_PROGRAM_COMPILE_S = 1.0
 
 
-def _hopeless(grouped: GroupedExecutor, trials: Trials, sample: int, remaining: int, loop_rate: float,
-              loop_compile: float, loop_estimate: float) -> bool:
-    """Whether the grouped executor cannot beat the loop even at its best: its
-    expected work per trial (a share of the forward pass) at the loop's rate,
-    plus, per program it would compile, the loop's compile and at least
-    ``_LEAST_PROGRAM_COMPILE_S``. Judged for params plans only: row slicing
-    makes activation and input faults cheaper than their work says."""
+def _best_case(grouped: GroupedExecutor, trials: Trials, sample: int, remaining: int, loop_rate: float,
+               loop_compile: float) -> float | None:
+    """The least time the grouped executor could take: its expected work per
+    trial (a share of the forward pass) at the loop's rate, plus, per program
+    it would compile, the loop's compile and at least
+    ``_LEAST_PROGRAM_COMPILE_S``. None for plans other than params plans: row
+    slicing makes activation and input faults cheaper than their work says."""
     if any(plan.kind != "params" for plan in trials.plans or ()):
-        return False
+        return None
     work, programs = grouped.estimate(trials, sample)
-    compile_s = programs * max(loop_compile, _LEAST_PROGRAM_COMPILE_S)
-    return remaining * work / loop_rate + compile_s >= loop_estimate
+    return remaining * work / loop_rate + programs * max(loop_compile, _LEAST_PROGRAM_COMPILE_S)
 
 
 def _compile_estimate(runner: Runner, start: int, sample: int, loop_compile: float) -> float:
