@@ -14,7 +14,8 @@ top-1 error over trials is at most --half_width on either side (or
 --max_trials ran; ``jaxfi.study.Target``). This stopping is sequential
 (optional stopping), so the nominal coverage is slightly optimistic. Running
 the same command again resumes: finished points are read back from their
-stores (WORKDIR/campaigns/resilience/...) and an interrupted one continues.
+stores (WORKDIR/campaigns/resilience/...) and an interrupted one continues,
+with compiled programs loaded from WORKDIR/compilation_cache.
 
 Several processes or hosts (docs/distributed.md): add --coordinator_address,
 --num_processes and --process_id; process 0 trains the models while the
