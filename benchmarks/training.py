@@ -34,7 +34,7 @@ def _campaign_rate(campaign: jaxfi.TrainingCampaign, trials: int, executor: str)
     """(trials per second including one golden run, share of trials stopped early); compiled before timing."""
     campaign.run_trials([-1], executor)
     began = time.perf_counter()
-    campaign.golden_run()
+    campaign.golden_run(executor)
     stopped = [campaign.run_trials(range(a, min(a + CHUNK, trials)), executor).stopped
                for a in range(0, trials, CHUNK)]
     return trials / (time.perf_counter() - began), float(np.mean(np.concatenate(stopped) >= 0))

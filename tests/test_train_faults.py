@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import jaxfi
+from jaxfi.models import transformer as tf
 
 
 def two_layer(params, x):
@@ -187,6 +188,56 @@ def test_state_faults_equal_independent_runs_and_fail_fast(toy):
     assert np.sum(outcomes != "masked") >= 3
     failed = outcomes == "immediate_inf_nan"
     assert np.all(result.arrays["stopped"][failed] >= result.arrays["fault_step"][failed])
+
+
+def test_scanned_layers_fault_forward_and_backward_like_independent_runs():
+    # nn.scan over layers: forward values and their transposes (the backward scan) are loop
+    # sites whose leading axis is the layer; trials still equal independent runs bit for bit.
+    config = tf.Config(length=3, layers=2, dim=8, heads=2, mlp=16)
+    apply_fn = tf.bind(config)
+    tokens, targets = tf.sorting_task(6 * 4, config, seed=1)
+    batches = (jnp.asarray(tokens.reshape(6, 4, -1)), jnp.asarray(targets.reshape(6, 4, -1)))
+    params = tf.init(config, 0)["params"]
+
+    def loss_fn(p, batch):
+        return tf.cross_entropy(apply_fn({"params": p}, batch[0]), batch[1])
+
+    table = jaxfi.training_sites_table(loss_fn, params, optax.adam(0.01).init(params), (tokens[:4], targets[:4]))
+    scanned = table[table["iterations"] > 0]
+    assert set(scanned["kind"]) == {"forward", "backward"} and set(scanned["iterations"]) == {2}
+    assert "forward/Transformer/scan:0/jaxpr/layers/fc1/dot_general:0" in set(scanned["name"])
+    plan = jaxfi.Plan(jaxfi.Activations(name="^(forward|backward)/Transformer/scan:0/jaxpr/layers/fc1/dot_general:0$"))
+    c = jaxfi.TrainingCampaign(loss_fn, params, optax.adam(0.01), batches, plan, fault_steps=(2, 5),
+                               metric_fn=lambda p: -loss_fn(p, (tokens, targets)))
+    assert [n.split("/")[0] for n in c.sites[0]] == ["forward", "backward"]
+    # The loop executor: the same jitted steps as the independent runs, compiled once (the map
+    # executor's bits equal the loop's: test_vectorized_trials_equal_independent_runs).
+    result = c.run(4, executor="loop")
+    assert result.arrays["p0_valid"].sum() == 4 and set(result.arrays["p0_site"][:, 0]) == {0, 1}
+    check_against_independent(c, result, range(4))
+
+
+def test_campaign_trains_with_the_fault_aware_step(toy):
+    # One training loop with faults: a weights-fault trial is the fault-aware step
+    # (jaxfi.fault_aware_step, what training.train runs) from the state the fault corrupted.
+    params, batches, _ = toy
+    c = campaign(toy, jaxfi.Plan(jaxfi.Params(name="^weights/"), jaxfi.BitFlip(bits=(20,))))
+    losses, _, final, (rec,) = c.independent(2)
+    s = int(c.run_trials([2], executor="loop").fault_step[0])
+    tx = optax.adam(0.05)
+    step = jaxfi.fault_aware_step(lambda p, b, m: (mlp_loss(p, b), m), tx)
+    state, got = jaxfi.init_state(params, tx), []
+    for t in range(c.steps):
+        if t == s:  # the record's faulty value, written into the weight it names
+            leaf = c.sites[0][int(rec.site[0])].removeprefix("weights/")
+            value = np.asarray(state.params[leaf]).copy()
+            value.reshape(-1).view(np.uint32)[int(rec.index[0])] = rec.after[0]
+            state = state._replace(params={**state.params, leaf: jnp.asarray(value)})
+        state, info = step(state, (batches[0][t], batches[1][t]), jax.random.key(0))
+        got.append(info.loss)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint32), losses.view(np.uint32))
+    assert jaxfi._src.trial.same_bits((state.params, state.opt_state), final)
+    assert not np.array_equal(losses, c.golden.losses)  # the fault changed the run
 
 
 def test_store_resumes_and_refuses_another_campaign(toy, activation_campaign, tmp_path):

@@ -23,6 +23,11 @@ A fault can make the loss or the gradients non-finite (an exponent flip to inf
 or NaN). Such a step is skipped: params, optimiser and model state stay as they
 were, ``info.applied`` is False, and the step counter still advances so the
 next step draws new faults.
+
+``train_step`` is the one training step with faults: fault-aware training
+runs it with the faulty forward's gradients and skips non-finite updates;
+training-fault campaigns (``jaxfi.TrainingCampaign``) run it with faults in
+forward and backward values or in the stored state, and apply every update.
 """
 
 from __future__ import annotations
@@ -104,25 +109,74 @@ def fault_aware_step(loss_fn: LossFn, optimizer: Optimizer,
     forward = faulty(loss_fn, *plans) if plans else _fault_free(loss_fn)
 
     def step(state: TrainState, batch: Any, key: jax.Array) -> tuple[TrainState, StepInfo]:
-        trial_key = jax.random.fold_in(key, state.step)
-
-        def objective(params: Any) -> tuple[jax.Array, tuple[Any, tuple[Record, ...]]]:
-            (loss, model_state), records = forward(trial_key, params, batch, state.model_state)
-            return loss, (model_state, records)
-
-        value_and_grad = jax.value_and_grad(objective, has_aux=True)
-        (loss, (model_state, records)), grads = value_and_grad(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = apply_updates(state.params, updates)
-        applied = jnp.isfinite(loss) & _all_finite(grads)
-        # cond, not jnp.where: a select fuses with the ops that compute the new
-        # state and changes their rounding (BatchNorm running means), so the
-        # fault-free step would no longer be bitwise the plain one.
-        kept = jax.lax.cond(applied, lambda: (params, opt_state, model_state),
-                            lambda: (state.params, state.opt_state, state.model_state))
-        return TrainState(*kept, state.step + 1), StepInfo(loss, applied, records)
+        out = train_step(_forward_faults(forward, jax.random.fold_in(key, state.step)), optimizer,
+                         state.params, state.opt_state, state.model_state, batch, skip_non_finite=True)
+        return (TrainState(out.params, out.opt_state, out.model_state, state.step + 1),
+                StepInfo(out.loss, out.applied, out.records))
 
     return jax.jit(step)
+
+
+# What a training step needs of its loss: ``(params, batch, model_state) -> ((loss, new
+# model_state), grads, records)``, the gradients being those the optimizer applies.
+ValueAndGrad = Callable[[Any, Any, Any], tuple[tuple[jax.Array, Any], Any, tuple[Record, ...]]]
+
+
+class Stepped(NamedTuple):
+    """A step's new ``params``, ``opt_state`` and ``model_state``, its ``loss`` and
+    ``grads``, whether the update was ``applied`` and the faults' ``records``."""
+
+    params: Any
+    opt_state: Any
+    model_state: Any
+    loss: jax.Array
+    grads: Any
+    applied: jax.Array
+    records: tuple[Record, ...]
+
+
+def train_step(value_and_grad: ValueAndGrad, optimizer: Optimizer, params: Any, opt_state: Any,
+               model_state: Any, batch: Any, *, skip_non_finite: bool) -> Stepped:
+    """One optimizer step with faults: the step of fault-aware training and of training-fault campaigns.
+
+    Args:
+      value_and_grad: the (faulty) loss and gradients of ``params`` on ``batch``.
+      optimizer: an ``optax.GradientTransformation`` (or any ``Optimizer``).
+      params: the parameters before the step.
+      opt_state: the optimizer state before the step.
+      model_state: non-trainable state (``()`` if none).
+      batch: the step's batch.
+      skip_non_finite: keep params, optimizer and model state when the loss or
+        a gradient is not finite (fault-aware training); False: apply every
+        update (a campaign follows what the fault does).
+
+    Returns:
+      The new state, loss, gradients, ``applied`` and records.
+    """
+    (loss, new_model_state), grads, records = value_and_grad(params, batch, model_state)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new = (apply_updates(params, updates), new_opt_state, new_model_state)
+    if not skip_non_finite:
+        return Stepped(*new, loss, grads, jnp.asarray(True), records)
+    applied = jnp.isfinite(loss) & _all_finite(grads)
+    # cond, not jnp.where: a select fuses with the ops that compute the new
+    # state and changes their rounding (BatchNorm running means), so the
+    # fault-free step would no longer be bitwise the plain one.
+    kept = jax.lax.cond(applied, lambda: new, lambda: (params, opt_state, model_state))
+    return Stepped(*kept, loss, grads, applied, records)
+
+
+def _forward_faults(forward: Callable[..., Any], key: jax.Array) -> ValueAndGrad:
+    """Gradients of ``forward``'s faulty loss (``faulty``'s calling convention) at the clean params."""
+    def value_and_grad(params: Any, batch: Any, model_state: Any):
+        def objective(params: Any) -> tuple[jax.Array, tuple[Any, tuple[Record, ...]]]:
+            (loss, new_model_state), records = forward(key, params, batch, model_state)
+            return loss, (new_model_state, records)
+
+        (loss, (new_model_state, records)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return (loss, new_model_state), grads, records
+
+    return value_and_grad
 
 
 def _fault_free(loss_fn: LossFn) -> Callable[..., Any]:

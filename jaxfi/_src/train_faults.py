@@ -11,6 +11,13 @@ Sites of a training step, named by what they are:
 * ``optimizer/{path}``: the optimizer state leaves, tuple indices dropped
   where the name stays unique (``optimizer/mu/fc1/kernel``, ``optimizer/count``).
 
+Values inside a loop or branch body are sites too: with layers under
+``nn.scan`` (``jaxfi.models.transformer``) a block's values are
+``forward/Transformer/scan:0/jaxpr/layers/...`` and their cotangents, computed
+by the transposed (reverse) scan, ``backward/Transformer/scan:0/jaxpr/layers/...``;
+their leading axis is the iteration, i.e. the layer. Values in a while body
+need ``Activations(..., iterations=N)``, as for any activation site.
+
 Select them with ordinary plans: ``Activations(name=...)`` matches forward
 and backward names, ``Params(name=...)`` weights and optimizer names. A forward
 or backward fault is transient (one step's value); a weights or optimizer
@@ -31,11 +38,15 @@ campaign (``trial_key(base, i)``). The work a fault cannot change is done once:
 
 Trials run as one compiled program per chunk (``lax.map`` over trials of a
 ``lax.scan`` over steps), or with ``executor="loop"`` as a Python loop over
-the same jitted steps; both give the same bits. Every run checks that the
-golden trial computed by that program ends bit-identical to the golden run,
-so "bit-identical to golden" is never an artefact of two programs rounding
-differently. ``TrainingCampaign.independent`` runs a trial as an independent
-training run from step 0, the reference the tests compare with bit for bit.
+the same jitted steps. Each executor compares its trials with the golden run
+its own programs compute (XLA:CPU may round a step alone differently from the
+same step in a loop), and every run checks that the golden trial computed by
+that program ends bit-identical to that golden run, so "bit-identical to
+golden" is never an artefact of two programs rounding differently.
+``TrainingCampaign.independent`` runs a trial as an independent training run
+from step 0, the reference the tests compare with bit for bit.
+Every step is ``fault_aware.train_step``, the step fault-aware training takes,
+with every update applied.
 """
 
 from __future__ import annotations
@@ -56,7 +67,7 @@ import pandas as pd
 
 from jaxfi._src import activations, identity
 from jaxfi._src import stats as stats_lib
-from jaxfi._src.fault_aware import Optimizer, apply_updates
+from jaxfi._src.fault_aware import Optimizer, ValueAndGrad, train_step
 from jaxfi._src.inject import Record, inject_arrays
 from jaxfi._src.plan import Plan
 from jaxfi._src.sites import Activations, Selector, Site, path_name
@@ -70,6 +81,8 @@ TRAINING_OUTCOMES = ("masked", "immediate_inf_nan", "slow_degrade", "recovered")
 # An equation's scope under value_and_grad: "jvp(MLP)/fc1" forward, "transpose(jvp(MLP))/fc1" backward.
 _BACKWARD = re.compile(r"^transpose\(jvp\(([^()]*)\)\)(?:/|$)")
 _FORWARD = re.compile(r"^jvp\(([^()]*)\)(?:/|$)")
+# Bodies whose values the interpreter can hook ("": outside any body).
+_BODIES = ("", "scan", "while", "cond")
 
 LossFn = Callable[[Any, Any], jax.Array]
 MetricFn = Callable[[Any], jax.Array]
@@ -102,6 +115,12 @@ def _renamed(site: activations.ActivationSite) -> activations.ActivationSite | N
     return None if name is None else dataclasses.replace(site, name=name)
 
 
+def _hookable(site: Site) -> bool:
+    """Whether a value can be faulted: outside bodies, or in a loop or branch body (a scan over
+    layers, forward and transposed), not in another primitive's body (a scatter's update)."""
+    return getattr(site, "control_flow", "") in _BODIES
+
+
 @dataclasses.dataclass(frozen=True)
 class _OnReadable:
     """A ``where`` predicate: the user's selector applied to a site under its training name."""
@@ -109,13 +128,15 @@ class _OnReadable:
     selector: Selector
 
     def __call__(self, site: Site) -> bool:
-        renamed = _renamed(site) if not getattr(site, "control_flow", "") else None
+        renamed = _renamed(site) if _hookable(site) else None
         return renamed is not None and self.selector.matches(renamed)
 
 
 def _step_plan(plan: Plan) -> Plan:
     """An activations plan over training names, as a plan over the traced step's own names."""
-    return dataclasses.replace(plan, sites=Activations(dtype=plan.sites.dtype, where=_OnReadable(plan.sites)))
+    sites = Activations(dtype=plan.sites.dtype, where=_OnReadable(plan.sites),
+                        iterations=getattr(plan.sites, "iterations", None))
+    return dataclasses.replace(plan, sites=sites)
 
 
 def _grad_fn(loss_fn: LossFn) -> Callable[[Any, Any], tuple[jax.Array, Any]]:
@@ -158,7 +179,7 @@ def step_sites(loss_fn: LossFn, params: Any, batch: Any) -> list[activations.Act
 
 
 def training_sites_table(loss_fn: LossFn, params: Any, opt_state: Any, batch: Any) -> pd.DataFrame:
-    """Every site of a training step, one row each: kind, name, shape, dtype, values, bits, scope.
+    """Every site of a training step, one row each: kind, name, primitive, shape, dtype, values, bits, iterations.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar loss``.
@@ -168,14 +189,19 @@ def training_sites_table(loss_fn: LossFn, params: Any, opt_state: Any, batch: An
 
     Returns:
       A table with ``kind`` in forward, backward, weights, optimizer and the
-      names plans select (values inside control-flow bodies are left out).
+      names plans select. Values inside a scan body (e.g. layers under
+      ``nn.scan``, forward and backward) have ``iterations`` > 0 and a
+      leading iteration axis, as for any activation site; values in while
+      and cond bodies are listed too.
     """
-    acts = [s for s in step_sites(loss_fn, params, batch) if not s.control_flow]
+    acts = [s for s in step_sites(loss_fn, params, batch) if _hookable(s)]
     rows = [dict(kind=s.name.split("/")[0], name=s.name, primitive=s.primitive, shape=s.shape,
-                 dtype=s.dtype.name, values=s.size, bits=s.bits) for s in acts]
+                 dtype=s.dtype.name, values=s.size, bits=s.bits, iterations=s.iterations) for s in acts]
     rows += [dict(kind=s.name.split("/")[0], name=s.name, primitive="", shape=s.shape,
-                  dtype=s.dtype.name, values=s.size, bits=s.bits) for s in state_sites(params, opt_state)]
-    return pd.DataFrame(rows, columns=["kind", "name", "primitive", "shape", "dtype", "values", "bits"])
+                  dtype=s.dtype.name, values=s.size, bits=s.bits, iterations=0)
+             for s in state_sites(params, opt_state)]
+    return pd.DataFrame(rows, columns=["kind", "name", "primitive", "shape", "dtype", "values", "bits",
+                                       "iterations"])
 
 
 # ----------------------------------------------------------------------------
@@ -240,6 +266,9 @@ def _uint(dtype: Any) -> Any:
 class _Step:
     """A campaign's training step: ``faulty`` at the fault step, ``other`` at every other step.
 
+    Both are ``fault_aware.train_step`` (the step fault-aware training takes),
+    every update applied, between optimization barriers so that XLA rounds the
+    step alike wherever it runs (alone, in a scan, in a map over trials).
     Hooks on activation values change how XLA fuses (and so rounds) the step
     even when no fault lands, so with activations plans every step of every
     run (golden included) is the hooked step with a runtime ``live`` flag; with
@@ -256,17 +285,14 @@ class _Step:
         """A step where no fault lands (``live`` is False at run time)."""
         if any(p.kind == "activations" for p in self.plans):
             return self.faulty(key, state, batch, live)[:2]
-        return self._plain(state, batch)
+        return self._update(_plain_value_and_grad(self.loss_fn), state, batch)[:2]
 
-    def _plain(self, state: tuple[Any, Any], batch: Any) -> tuple[tuple[Any, Any], tuple[jax.Array, jax.Array]]:
+    def _update(self, value_and_grad: ValueAndGrad, state: tuple[Any, Any], batch: Any
+                ) -> tuple[tuple[Any, Any], tuple[jax.Array, jax.Array], tuple[Record, ...]]:
         params, opt_state = jax.lax.optimization_barrier(state)
-        loss, grads = _grad_fn(self.loss_fn)(params, batch)
-        out = self._update(params, opt_state, grads), (loss, _global_norm(grads))
-        return jax.lax.optimization_barrier(out)
-
-    def _update(self, params: Any, opt_state: Any, grads: Any) -> tuple[Any, Any]:
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        return apply_updates(params, updates), opt_state
+        out = train_step(value_and_grad, self.optimizer, params, opt_state, (), batch, skip_non_finite=False)
+        new = (out.params, out.opt_state), (out.loss, _global_norm(out.grads))
+        return jax.lax.optimization_barrier(new) + (out.records,)
 
     def faulty(self, key: jax.Array, state: tuple[Any, Any], batch: Any, live: jax.Array
                ) -> tuple[tuple[Any, Any], tuple[jax.Array, jax.Array], tuple[Record, ...]]:
@@ -277,18 +303,36 @@ class _Step:
         for i, plan in enumerate(self.plans):
             if plan.kind == "params":
                 arrays, records[i] = inject_arrays(plan_key(key, i), arrays, sites, plan, live=live)
-        params, opt_state = jax.lax.optimization_barrier(_state_from(arrays, params, opt_state))
-        act = [(i, p) for i, p in enumerate(self.plans) if p.kind == "activations"]
-        if act:
-            keys = jax.random.key_data(jnp.stack([plan_key(key, i) for i, _ in act]))
-            (loss, grads), recs = faulty_value_and_grad(self.loss_fn, *(p for _, p in act))(
-                jax.random.wrap_key_data(keys), params, batch, live=live)
-            for (i, _), rec in zip(act, recs):
-                records[i] = rec
-        else:
-            loss, grads = _grad_fn(self.loss_fn)(params, batch)
-        out = self._update(params, opt_state, grads), (loss, _global_norm(grads))
-        return jax.lax.optimization_barrier(out) + (tuple(records),)
+        act = [i for i, p in enumerate(self.plans) if p.kind == "activations"]
+        value_and_grad = (_hooked_value_and_grad(self.loss_fn, [self.plans[i] for i in act],
+                                                 [plan_key(key, i) for i in act], live)
+                          if act else _plain_value_and_grad(self.loss_fn))
+        new, curves, recs = self._update(value_and_grad, _state_from(arrays, params, opt_state), batch)
+        for i, rec in zip(act, recs):
+            records[i] = rec
+        return new, curves, tuple(records)
+
+
+def _plain_value_and_grad(loss_fn: LossFn) -> ValueAndGrad:
+    """``loss_fn``'s loss and gradients in ``train_step``'s calling convention, no faults."""
+    def value_and_grad(params: Any, batch: Any, model_state: Any):
+        loss, grads = _grad_fn(loss_fn)(params, batch)
+        return (loss, model_state), grads, ()
+
+    return value_and_grad
+
+
+def _hooked_value_and_grad(loss_fn: LossFn, plans: Sequence[Plan], keys: Sequence[jax.Array],
+                           live: jax.Array) -> ValueAndGrad:
+    """The loss and gradients with the activations ``plans``' faults (one key each) landing where ``live``."""
+    g = faulty_value_and_grad(loss_fn, *plans)
+
+    def value_and_grad(params: Any, batch: Any, model_state: Any):
+        (loss, grads), records = g(jax.random.wrap_key_data(jax.random.key_data(jnp.stack(keys))),
+                                   params, batch, live=live)
+        return (loss, model_state), grads, records
+
+    return value_and_grad
 
 
 def _at(tree: Any, i: jax.Array) -> Any:
@@ -359,6 +403,8 @@ class TrainingCampaign:
         # Raw key data, not a key: a closed-over constant the program fingerprint can hash.
         self._key_data = jax.random.key_data(jax.random.key(self.seed))
         self._step = _Step(loss_fn, optimizer, self.plans)
+        self._hooked = any(p.kind == "activations" for p in self.plans)
+        self._goldens: dict[str, TrainingGolden] = {}
         self.sites = tuple(self._sites(loss_fn))
 
     def _sites(self, loss_fn: LossFn) -> list[tuple[str, ...]]:
@@ -452,16 +498,57 @@ class TrainingCampaign:
     def _single_program(self) -> Callable[..., TrialOutput]:
         return jax.jit(self.trial)
 
-    @functools.cached_property
+    @property
     def golden(self) -> TrainingGolden:
-        """The fault-free run, computed once (``golden_run``)."""
-        return self.golden_run()
+        """The fault-free run as the map executor computes it (``golden_of("map")``)."""
+        return self.golden_of("map")
 
-    def golden_run(self) -> TrainingGolden:
-        """Computes the fault-free run: states from ``fault_steps[0]`` on, curves and final metric."""
+    def golden_of(self, executor: str) -> TrainingGolden:
+        """The fault-free run as ``executor`` computes it, computed once (``golden_run``).
+
+        XLA:CPU may round a step run alone differently from the same step in a
+        loop (seen on the scanned transformer's backward pass), so each
+        executor's trials are compared with the golden run its own programs compute.
+        """
+        if executor not in self._goldens:
+            self._goldens[executor] = self.golden_run(executor)
+        return self._goldens[executor]
+
+    def golden_run(self, executor: str = "map") -> TrainingGolden:
+        """Computes the fault-free run: states from ``fault_steps[0]`` on, curves and final metric.
+
+        Args:
+          executor: "map": one ``lax.scan`` over steps; "loop": the loop
+            executor's (and ``independent``'s) jitted steps, from Python.
+        """
+        _check_executor(executor)
+        if executor == "loop":
+            return self._host_golden()
         states, losses, norms, metric = self._golden_program((self.params, self.opt_state), self.batches,
                                                               jnp.int32(-1))
         return TrainingGolden(states, np.asarray(losses), np.asarray(norms), float(metric))
+
+    def _host_golden(self) -> TrainingGolden:
+        lo = self.fault_steps[0]
+        state, states, losses, norms = (self.params, self.opt_state), [], [], []
+        for t in range(self.steps):
+            if t >= lo:
+                states.append(state)
+            state, (loss, norm), _ = self._host_step(self.base_key, state, t, live=False, fault=False)
+            losses.append(loss)
+            norms.append(norm)
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states, state)
+        return TrainingGolden(stacked, np.asarray(jnp.stack(losses)), np.asarray(jnp.stack(norms)),
+                              float(self._jit_metric(state[0])))
+
+    def _host_step(self, key: jax.Array, state: tuple[Any, Any], t: int, *, live: bool, fault: bool
+                   ) -> tuple[tuple[Any, Any], tuple[jax.Array, jax.Array], tuple[Record, ...]]:
+        """Step ``t`` as the loop executor, ``independent`` and their golden run take it: one compiled
+        injection step at the fault step, and at every step when activations plans hook the step."""
+        args = (key, state, _at(self.batches, t), np.bool_(live))
+        if fault or self._hooked:
+            return self._jit_faulty(*args)
+        return self._jit_other(*args) + ((),)
 
     def run_trials(self, indices: Sequence[int], executor: str = "map") -> TrialOutput:
         """Trials ``indices``, as numpy arrays.
@@ -472,30 +559,32 @@ class TrainingCampaign:
             ``lax.scan`` over steps); or "loop", a Python loop over trials and
             steps of the jitted steps (the same shared golden prefix and early
             stops; faster where XLA:CPU runs a step inside a loop body slower
-            than alone, as for convolutions). Both give the same bits.
+            than alone, as for convolutions). Each compares its trials with its
+            own golden run (``golden_of``); they give the same bits where
+            XLA:CPU rounds a step alike alone and in a loop (the MLP and
+            LeNet-5 here), and the map executor refuses to run where it does
+            not (the scanned transformer's backward pass).
         """
+        _check_executor(executor)
         if executor == "loop":
             outs = [self._host_trial(int(i)) for i in indices]
             return jax.tree.map(lambda *xs: np.stack(xs), *outs)
-        if executor != "map":
-            raise ValueError(f"executor must be 'map' or 'loop', got {executor!r}")
         idx = jnp.asarray(np.asarray(indices, np.int32))
         return jax.device_get(self._chunk_program(idx, self._golden_arrays(), self.batches))
 
     def _host_trial(self, index: int) -> TrialOutput:
         """``trial`` with a Python loop over steps: the same jitted steps as ``independent``."""
         lo, hi = self.fault_steps
-        g, golden_at = self.golden, self._jit_golden_at
+        g, golden_at = self.golden_of("loop"), self._jit_golden_at
         key = trial_key(self.base_key, jnp.int32(index))
         s = int(jax.random.randint(jax.random.fold_in(key, 0), (), lo, hi))
         losses, norms = g.losses.copy(), g.grad_norms.copy()
         state, rejoined, stopped = golden_at(g.states, s - lo), False, -1
         for t in range(s, self.steps):
-            args = (jax.random.fold_in(key, 1), state, _at(self.batches, t), np.bool_(index >= 0 and t == s))
+            state, (loss, norm), out = self._host_step(jax.random.fold_in(key, 1), state, t,
+                                                       live=index >= 0 and t == s, fault=t == s)
             if t == s:
-                state, (loss, norm), records = self._jit_faulty(*args)
-            else:
-                state, (loss, norm) = self._jit_other(*args)
+                records = out
             losses[t], norms[t] = loss, norm
             rejoined = bool(self._jit_same(state, golden_at(g.states, t + 1 - lo)))
             if rejoined or not np.isfinite(losses[t]):
@@ -541,11 +630,10 @@ class TrainingCampaign:
         s = int(jax.random.randint(jax.random.fold_in(key, 0), (), lo, hi))
         state, losses, norms, records = (self.params, self.opt_state), [], [], ()
         for t in range(self.steps):
-            args = (jax.random.fold_in(key, 1), state, _at(self.batches, t), np.bool_(index >= 0 and t == s))
+            state, (loss, norm), out = self._host_step(jax.random.fold_in(key, 1), state, t,
+                                                       live=index >= 0 and t == s, fault=t == s)
             if t == s:
-                state, (loss, norm), records = self._jit_faulty(*args)
-            else:
-                state, (loss, norm) = self._jit_other(*args)
+                records = out
             losses.append(loss)
             norms.append(norm)
         return np.asarray(jnp.stack(losses)), np.asarray(jnp.stack(norms)), jax.device_get(state), \
@@ -561,9 +649,8 @@ class TrainingCampaign:
 
     # -- identity and running
 
-    @functools.cached_property
-    def config(self) -> dict[str, Any]:
-        """What determines this campaign's results (its store's identity)."""
+    def config(self, executor: str = "map") -> dict[str, Any]:
+        """What determines this campaign's results with ``executor`` (its store's identity)."""
         start = (self.params, self.opt_state)
         golden = jax.eval_shape(self._golden_run, start, self.batches, jnp.int32(-1))
         golden = TrainingGolden(*golden)
@@ -577,6 +664,8 @@ class TrainingCampaign:
             "batches": identity.arrays(self.batches),
             "plans": [identity.describe(p) for p in self.plans],
             "steps": self.steps, "fault_steps": list(self.fault_steps), "seed": self.seed,
+            # Each executor compares its trials with the golden run its own programs compute.
+            "executor": executor,
         }
 
     def run(self, n_trials: int, *, store: str | None = None, chunk_size: int = 16, executor: str = "map",
@@ -591,7 +680,7 @@ class TrainingCampaign:
           store: a directory; trials already stored there are not recomputed,
             and a store of another campaign is refused.
           chunk_size: trials per compiled call.
-          executor: "map" or "loop" (see ``run_trials``); the same bits either way.
+          executor: "map" or "loop" (see ``run_trials``); part of the store's identity.
           progress: called with (done, total) after each chunk.
 
         Returns:
@@ -601,7 +690,8 @@ class TrainingCampaign:
             raise ValueError(f"n_trials must be a positive integer, got {n_trials!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        db = Store(store, self.config) if store is not None else None
+        _check_executor(executor)
+        db = Store(store, self.config(executor)) if store is not None else None
         self._check_golden_trial(chunk_size, executor)
         todo = db.missing(n_trials) if db is not None else [(0, n_trials)]
         chunks = [(a, min(a + chunk_size, b)) for a, b in todo for a in range(a, b, chunk_size)]
@@ -621,14 +711,20 @@ class TrainingCampaign:
         else:
             arrays = {k: np.concatenate([parts[a][k] for a in sorted(parts)]) for k in parts[0]}
             arrays["trial"] = np.arange(n_trials)
-        return TrainingResult(arrays, self.golden, self.sites)
+        return TrainingResult(arrays, self.golden_of(executor), self.sites)
 
     def _check_golden_trial(self, chunk_size: int, executor: str) -> None:
         out = self.run_trials([GOLDEN_INDEX] * (chunk_size if executor == "map" else 1), executor)
-        g = self.golden
+        g = self.golden_of(executor)
         if not (bool(out.identical[0]) and same_bits(out.losses[0], g.losses)):
-            raise RuntimeError("the trial program does not reproduce the golden run bit for bit on this "
-                               "machine; outcomes would mix rounding with faults")
+            raise RuntimeError(f"the trial program of executor={executor!r} does not reproduce its golden run "
+                               "bit for bit on this machine; outcomes would mix rounding with faults"
+                               + (" (executor='loop' runs the same compiled steps in both)" * (executor == "map")))
+
+
+def _check_executor(executor: str) -> None:
+    if executor not in ("map", "loop"):
+        raise ValueError(f"executor must be 'map' or 'loop', got {executor!r}")
 
 
 def _curve(golden: jax.Array, first: jax.Array, rest: jax.Array, ran: jax.Array, *,

@@ -44,6 +44,7 @@ import pandas as pd
 import jaxfi
 from jaxfi import data, models, stats
 from jaxfi._src.extras import require
+from jaxfi.models import transformer as tf
 from jaxfi.study import flags as study_flags
 from jaxfi.study import report
 
@@ -51,7 +52,7 @@ optax = require("optax", "models")
 flags = study_flags.flags
 
 _NAME = "training_faults"
-_MODELS = ("mlp", "lenet5")
+_MODELS = ("mlp", "lenet5", "transformer")
 # Values that only move data (the input flatten, bias reshapes and broadcasts) are left out.
 _COMPUTED = r"(?!(.*/)?(reshape|broadcast_in_dim|convert_element_type|stop_gradient):)"
 KIND_SITES: dict[str, jaxfi.Selector] = {
@@ -76,10 +77,16 @@ class Setup:
 
 def training_setup(model_name: str, *, steps: int, batch_size: int, learning_rate: float, seed: int,
                    eval_size: int) -> Setup:
-    """``model_name`` from a fresh init on mnist5k: ``steps`` batches in a fixed order, test accuracy metric.
+    """``model_name`` from a fresh init: ``steps`` batches in a fixed order, an accuracy metric, Adam.
 
-    The loss is softmax cross-entropy against one-hot labels.
+    "mlp" and "lenet5" train on mnist5k (softmax cross-entropy, test accuracy
+    on ``eval_size`` test images); "transformer" is the scanned transformer of
+    ``jaxfi.models.transformer`` on sorting 8 digits (token cross-entropy,
+    greedy token accuracy on ``eval_size`` held-out sequences).
     """
+    if model_name == "transformer":
+        return _transformer_setup(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                                  eval_size=eval_size)
     train, test = data.load(data.EMBEDDED, "train"), data.load(data.EMBEDDED, "test")
     model = models.get_model(model_name, num_classes=train.num_classes)
     params = models.init_variables(model, train.images.shape[1:], seed)["params"]
@@ -99,6 +106,24 @@ def training_setup(model_name: str, *, steps: int, batch_size: int, learning_rat
         return jnp.mean(jnp.argmax(model.apply({"params": params}, ex), -1) == ey)
 
     return Setup(loss_fn, params, optax.adam(learning_rate), batches, metric_fn)
+
+
+def _transformer_setup(*, steps: int, batch_size: int, learning_rate: float, seed: int, eval_size: int) -> Setup:
+    config = tf.Config()
+    apply_fn = tf.bind(config)
+    tokens, targets = tf.sorting_task(steps * batch_size, config, seed=(seed, 1))
+    batches = (jnp.asarray(tokens.reshape(steps, batch_size, -1)), jnp.asarray(targets.reshape(steps, batch_size, -1)))
+    # Held out: another seed than the training stream's.
+    et, ey = (jnp.asarray(a) for a in tf.sorting_task(eval_size, config, seed=(seed, 2)))
+
+    def loss_fn(params: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+        x, y = batch
+        return tf.cross_entropy(apply_fn({"params": params}, x), y)
+
+    def metric_fn(params: Any) -> jax.Array:
+        return jnp.mean(jnp.argmax(apply_fn({"params": params}, et), -1) == ey)
+
+    return Setup(loss_fn, tf.init(config, seed)["params"], optax.adam(learning_rate), batches, metric_fn)
 
 
 @dataclasses.dataclass(frozen=True)
