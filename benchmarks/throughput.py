@@ -200,13 +200,16 @@ def main() -> None:
                         help="turns the loop and grouped take at steady state (median rate of each)")
     parser.add_argument("--fresh_repeats", type=int, default=2,
                         help="turns auto and grouped take at the fresh-process campaign (least time of each)")
+    parser.add_argument("--fresh_only", action="store_true",
+                        help="only the fresh-process campaigns (auto, grouped, grouped with a filled cache)")
     parser.add_argument("--workdir", default="runs/models")
     parser.add_argument("--out", default="", help="also write the rows as JSON lines here")
     args = parser.parse_args()
     for name in args.models.split(","):
         for case in args.cases.split(","):
             local = argparse.Namespace(**{**vars(args), "campaign": 0 if name == "resnet18" else args.campaign})
-            row = bench(name, case, local)
+            row = ({"model": name, "case": CASES[case][0], **fresh_campaigns(name, case, local)}
+                   if args.fresh_only else bench(name, case, local))
             print(json.dumps(row), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
