@@ -132,7 +132,7 @@ def test_bad_campaign_arguments(toy):
 
 
 def check_against_independent(c, result, indices):
-    golden_final = jax.tree.map(lambda x: x[-1], c.golden.states)
+    golden_final = jax.tree.map(lambda x: x[-1], result.golden.states)
     # The loop executor gives the map executor's bits.
     loop = c.run_trials(list(indices), executor="loop")
     for name, column in jaxfi._src.train_faults._columns(loop).items():
@@ -145,7 +145,7 @@ def check_against_independent(c, result, indices):
         np.testing.assert_array_equal(result.arrays["grad_norms"][i, :upto], norms[:upto])
         if upto < c.steps:  # stopped: failed (all NaN after) or rejoined golden (golden after)
             tail = result.losses[i, upto:]
-            assert np.all(np.isnan(tail)) or np.array_equal(tail, c.golden.losses[upto:])
+            assert np.all(np.isnan(tail)) or np.array_equal(tail, result.golden.losses[upto:])
             if not np.all(np.isnan(tail)):
                 np.testing.assert_array_equal(tail, losses[upto:])
         assert bool(result.arrays["identical"][i]) == jaxfi._src.trial.same_bits(final, golden_final)
@@ -249,6 +249,8 @@ def test_store_resumes_and_refuses_another_campaign(toy, activation_campaign, tm
     other = campaign(toy, *c.plans, seed=1)
     with pytest.raises(ValueError, match="different config"):
         other.run(2, store=tmp_path / "s")
+    with pytest.raises(ValueError, match="different config"):  # each executor has its own golden run
+        c.run(6, store=tmp_path / "s", executor="loop")
 
 
 # ----------------------------------------------------------------------------- outcomes

@@ -267,8 +267,9 @@ class _Step:
     """A campaign's training step: ``faulty`` at the fault step, ``other`` at every other step.
 
     Both are ``fault_aware.train_step`` (the step fault-aware training takes),
-    every update applied, between optimization barriers so that XLA rounds the
-    step alike wherever it runs (alone, in a scan, in a map over trials).
+    every update applied, between optimization barriers so that XLA compiles
+    the step alike wherever it runs (alone, in a scan, in a map over trials);
+    that is not guaranteed, hence one golden run per executor.
     Hooks on activation values change how XLA fuses (and so rounds) the step
     even when no fault lands, so with activations plans every step of every
     run (golden included) is the hooked step with a runtime ``live`` flag; with

@@ -3,8 +3,10 @@
     python experiments/training_faults.py --workdir=/tmp/training_faults
 
 For each --models entry, trains from a fresh initialisation (--seed) for
---steps Adam steps on the embedded mnist5k (batch --batch_size, the same
-batches in every trial), and runs one ``jaxfi.TrainingCampaign`` per site kind:
+--steps Adam steps (batch --batch_size, the same batches in every trial) on
+the embedded mnist5k, or for "transformer" (the scanned transformer of
+``jaxfi.models.transformer``) on sorting 8 digits, and runs one
+``jaxfi.TrainingCampaign`` per site kind:
 one random bit flip (uniform over all 32 bits of the selected values) at a
 step drawn uniformly from the whole run, in
 
@@ -15,7 +17,10 @@ step drawn uniformly from the whole run, in
 
 Each trial is classified (``jaxfi.classify_training``) as Masked, Immediate
 INF/NaN, SlowDegrade or Recovered, with the final test accuracy on --eval_size
-test images as the metric. A loss or gradient-norm spike detector
+test images (the transformer: greedy token accuracy on --eval_size held-out
+sequences) as the metric; the transformer needs --executor=loop (the map
+executor refuses it: XLA:CPU rounds its hooked backward step differently
+inside a loop). A loss or gradient-norm spike detector
 (``jaxfi.spike_flags``) is scored on the trials. Writes to --workdir:
 
 - training_faults.csv: one row per trial (model, kind, fault step, site, bit,
@@ -162,7 +167,7 @@ def define_flags() -> Flags:
         eval_size=flags.DEFINE_integer("eval_size", 1000, "Test images for the final accuracy.", lower_bound=1),
         chunk_size=flags.DEFINE_integer("chunk_size", 16, "Trials per compiled call.", lower_bound=1),
         executor=flags.DEFINE_enum("executor", "map", ["map", "loop"],
-                                   "How trials run (same bits): map (one program per chunk) or loop."),
+                                   "How trials run: map (one program per chunk) or loop (jitted steps)."),
         seed=flags.DEFINE_integer("seed", 0, "Seed of the init, the batch order and the faults."),
         window=flags.DEFINE_integer("window", 5, "Steps after the fault for Immediate INF/NaN.", lower_bound=1),
         tolerance=flags.DEFINE_float("tolerance", 0.01, "Accuracy drop beyond which a run degraded.",
