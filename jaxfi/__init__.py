@@ -42,7 +42,15 @@ from jaxfi._src.executors import (
     NotBitwiseError,
     VmapExecutor,
 )
-from jaxfi._src.fault_aware import Optimizer, StepInfo, TrainState, fault_aware_step, init_state
+from jaxfi._src.fault_aware import (
+    Optimizer,
+    StepInfo,
+    Stepped,
+    TrainState,
+    fault_aware_step,
+    init_state,
+    train_step,
+)
 from jaxfi._src.faults import BitFlip, Burst, Custom, FaultModel, RandomValue, StuckAt, Zero
 from jaxfi._src.inject import Record, inject, population_of, sample_faults
 from jaxfi._src.outcomes import Golden, sequence_outcomes
@@ -137,6 +145,8 @@ __all__ = [
     "StepInfo",
     "init_state",
     "fault_aware_step",
+    "train_step",
+    "Stepped",
     # faults during training
     "TRAINING_OUTCOMES",
     "TrainingCampaign",
