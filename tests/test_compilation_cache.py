@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
+
+import jaxfi
 
 CHILD = """
 import sys
@@ -45,3 +48,10 @@ def test_a_second_process_loads_every_program_and_gets_the_same_table(tmp_path):
     second = _run(cache, tmp_path / "second.csv")
     assert sorted(p.name for p in cache.iterdir()) == entries  # nothing compiled again
     pd.testing.assert_frame_equal(first, second)
+
+
+def test_a_cache_path_that_is_a_file_is_refused(tmp_path):
+    taken = tmp_path / "cache"
+    taken.write_text("not a directory")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        jaxfi.executors.cache_compilation(taken)

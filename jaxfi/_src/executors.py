@@ -431,8 +431,13 @@ def cache_compilation(directory: str | os.PathLike[str]) -> None:
     loaded program is the same executable, so it computes the same bits.
 
     The directory is trusted code: keep it where only you can write.
+
+    Raises:
+      ValueError: ``directory`` exists and is not a directory.
     """
     path = pathlib.Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"compilation cache {str(path)!r} exists and is not a directory")
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     # Every program: a grouped program or a faulty trial costs seconds to

@@ -224,6 +224,7 @@ class RowProgram:
         self._out_tree = program.out_tree
         self._plans, self._pops, self._only = tuple(plans), tuple(pops), tuple(only)
         n_params = len(param_sites(params))
+        self._leaf_ids = frozenset(flat.inputs[:n_params])
         self.batch = _batch_size(arrays[n_params:])
         input_ids = {s.name: flat.inputs[n_params + n] for n, s in enumerate(input_sites((params, inputs)))}
         leaf_ids = {s.name: flat.inputs[n] for n, s in enumerate(param_sites(params))}
@@ -294,7 +295,8 @@ class RowProgram:
         # does not matter, and recomputing it cost a conv2 trial of the small
         # CNN a third of its time.
         stored = {i for n in updated for i in (flat.ops[n].ins[0], flat.ops[n].outs[0])}
-        stored |= {flat.ops[n].ins[1] for n in self._sparse if flat.ops[n].ins[1] not in flat.inputs}
+        # A feature update reads its weight: a params leaf is passed to every trial, anything else is read.
+        stored |= {flat.ops[n].ins[1] for n in self._sparse if flat.ops[n].ins[1] not in self._leaf_ids}
         stored = {x for x in stored if isinstance(x, int) and x not in faulted}
         self._golden_ids = sorted((reads | stored) - again_outs - set(flat.consts) - faulted)
 
@@ -544,8 +546,9 @@ def _linear(op: interpret.Op) -> bool:
 
 def _weight_correctable(op: interpret.Op, cap: int) -> bool:
     """Whether the changed weights' terms of ``op`` (a ``_linear`` op) are cheap:
-    each faulted kernel element costs a one-channel convolution, so beyond a
-    few faults recomputing a convolution is cheaper."""
+    each faulted kernel element costs its own pass over an output channel
+    (``kernel_element_term``), one after another, so beyond a few faults
+    recomputing a convolution is cheaper."""
     return op.eqn.primitive.name == "dot_general" or cap <= _MAX_CONV_CORRECTIONS
 
 
@@ -589,7 +592,7 @@ def _correction(eqn: jex.JaxprEqn, golden: jax.Array, x: jax.Array, changes: Cha
             term = interpret.bind(eqn, [channel, kernel])[0]
         else:
             term = kernel_element_term(eqn, x, [coords[d][k] for d in dn.rhs_spec[2:]], coords[in_f][k], delta,
-                                 _shape(eqn.outvars[0]))
+                                       _shape(eqn.outvars[0]))
         old = lax.dynamic_slice_in_dim(y, coords[out_f][k], 1, axis=dn.out_spec[1])
         new = jnp.where(changes.valid[k], old + term.astype(y.dtype), old)
         y = lax.dynamic_update_slice_in_dim(y, new, coords[out_f][k], axis=dn.out_spec[1])
@@ -597,7 +600,7 @@ def _correction(eqn: jex.JaxprEqn, golden: jax.Array, x: jax.Array, changes: Cha
 
 
 def kernel_element_term(eqn: jex.JaxprEqn, x: jax.Array, at: Sequence[jax.Array], channel: jax.Array,
-                  delta: jax.Array, out_shape: tuple[int, ...]) -> jax.Array:
+                        delta: jax.Array, out_shape: tuple[int, ...]) -> jax.Array:
     """The contribution of one kernel element (spatial position ``at``, input
     ``channel``) changed by ``delta`` to a convolution's output: ``delta``
     times a strided window of that input channel, in the output's layout with

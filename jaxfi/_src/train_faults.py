@@ -721,9 +721,9 @@ class TrainingCampaign:
         out = self.run_trials([GOLDEN_INDEX] * (chunk_size if executor == "map" else 1), executor)
         g = self.golden_of(executor)
         if not (bool(out.identical[0]) and same_bits(out.losses[0], g.losses)):
+            hint = " (executor='loop' runs the same compiled steps in both)" if executor == "map" else ""
             raise RuntimeError(f"the trial program of executor={executor!r} does not reproduce its golden run "
-                               "bit for bit on this machine; outcomes would mix rounding with faults"
-                               + (" (executor='loop' runs the same compiled steps in both)" * (executor == "map")))
+                               f"bit for bit on this machine; outcomes would mix rounding with faults{hint}")
 
 
 def _check_executor(executor: str) -> None:

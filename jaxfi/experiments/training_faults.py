@@ -49,7 +49,7 @@ import pandas as pd
 import jaxfi
 from jaxfi import data, models, stats
 from jaxfi._src.extras import require
-from jaxfi.models import transformer as tf
+from jaxfi.models import transformer
 from jaxfi.study import flags as study_flags
 from jaxfi.study import report
 
@@ -114,21 +114,21 @@ def training_setup(model_name: str, *, steps: int, batch_size: int, learning_rat
 
 
 def _transformer_setup(*, steps: int, batch_size: int, learning_rate: float, seed: int, eval_size: int) -> Setup:
-    config = tf.Config()
-    apply_fn = tf.bind(config)
-    tokens, targets = tf.sorting_task(steps * batch_size, config, seed=(seed, 1))
+    config = transformer.Config()
+    apply_fn = transformer.bind(config)
+    tokens, targets = transformer.sorting_task(steps * batch_size, config, seed=(seed, 1))
     batches = (jnp.asarray(tokens.reshape(steps, batch_size, -1)), jnp.asarray(targets.reshape(steps, batch_size, -1)))
     # Held out: another seed than the training stream's.
-    et, ey = (jnp.asarray(a) for a in tf.sorting_task(eval_size, config, seed=(seed, 2)))
+    et, ey = (jnp.asarray(a) for a in transformer.sorting_task(eval_size, config, seed=(seed, 2)))
 
     def loss_fn(params: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
         x, y = batch
-        return tf.cross_entropy(apply_fn({"params": params}, x), y)
+        return transformer.cross_entropy(apply_fn({"params": params}, x), y)
 
     def metric_fn(params: Any) -> jax.Array:
         return jnp.mean(jnp.argmax(apply_fn({"params": params}, et), -1) == ey)
 
-    return Setup(loss_fn, tf.init(config, seed)["params"], optax.adam(learning_rate), batches, metric_fn)
+    return Setup(loss_fn, transformer.init(config, seed)["params"], optax.adam(learning_rate), batches, metric_fn)
 
 
 @dataclasses.dataclass(frozen=True)

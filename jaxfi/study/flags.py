@@ -198,10 +198,10 @@ class CommonFlags:
         distributed.initialize_from_flags()
         workdir = pathlib.Path(self.workdir.value)
         workdir.mkdir(parents=True, exist_ok=True)
-        if self.compilation_cache.value != "none":
-            executors.cache_compilation(self.compilation_cache.value or workdir / "compilation_cache")
         lead = jax.process_index() == 0
         try:
+            if self.compilation_cache.value != "none":
+                executors.cache_compilation(self.compilation_cache.value or workdir / "compilation_cache")
             subjects = self._subjects(workdir, lead, **options) if lead else None
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("jaxfi.study: models ready")
