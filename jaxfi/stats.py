@@ -7,10 +7,13 @@ trials, the unit of replication. ``jaxfi._src.stats`` states the conventions.
 
 from jaxfi._src.stats import (
     METHODS,
+    MIN_CHANGED,
     clopper_pearson,
+    cluster_interval,
     converged,
     leveugle_sample_size,
     mean_interval,
+    paired_interval,
     rate_summary,
     stratified_rates,
     wilson,
@@ -18,10 +21,13 @@ from jaxfi._src.stats import (
 
 __all__ = [
     "METHODS",
+    "MIN_CHANGED",
     "clopper_pearson",
+    "cluster_interval",
     "converged",
     "leveugle_sample_size",
     "mean_interval",
+    "paired_interval",
     "rate_summary",
     "stratified_rates",
     "wilson",

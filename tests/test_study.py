@@ -126,18 +126,43 @@ def test_weight_leaves_follow_the_program_not_the_alphabet(subjects):
 # ----------------------------------------------------- scientific sanity
 
 
-def test_lowest_default_rate_is_golden_and_highest_collapses(subjects, tmp_path):
-    points = [study.Point(study.WEIGHTS, rate=r) for r in (min(study.DEFAULT_RATES), max(study.DEFAULT_RATES))]
-    jobs = [study.Job(s, study.plans_for(s, p), f"{s.name}/{p.label}", {"model": s.name, "rate": p.rate})
-            for s in subjects.values() for p in points]
-    done = study.run_sweep(jobs, tmp_path, trials=16, seed=0, executor="loop", log=None)
-    for d in done:
-        row = study.trial_figures(d.result).iloc[0]
-        if d.job.keys["rate"] == min(study.DEFAULT_RATES):
-            assert row["error_lo"] <= row["golden_error"] <= row["error_hi"], d.job.path
-        else:
-            assert row["error_lo"] > row["golden_error"] + 0.5, d.job.path
-            assert row["harm_trial"] == 1.0
+class _Compiles:
+    """Counts XLA backend compiles while active."""
+
+    def __enter__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, event, duration, **kwargs):
+        self.count += event == "/jax/core/compile/backend_compile_duration"
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def test_a_rate_sweep_is_one_program_paired_and_nested(subjects):
+    """The lowest and highest default rates as one sweep per model: the second point compiles
+    nothing, its trials' faults contain the first's, the low point's interval covers golden
+    with a positive width, and the paired difference of the two points excludes 0."""
+    rates = (min(study.DEFAULT_RATES), max(study.DEFAULT_RATES))
+    points = [study.Point(study.WEIGHTS, rate=r) for r in rates]
+    for s in subjects.values():
+        campaign = jaxfi.Campaign(s.apply_fn, s.params, s.images, s.labels, study.plans_for(s, points), seed=0,
+                                  outcomes=(study.logit_deviation,))
+        low = campaign.run(16, point=0, executor="loop", quiet=True)
+        with _Compiles() as compiles:
+            high = campaign.run(16, point=1, executor="loop", quiet=True)
+        assert compiles.count == 0, s.name
+        row = study.trial_figures(low).iloc[0]
+        assert row["error_lo"] <= row["golden_error"] <= row["error_hi"] and row["error_hi"] > row["error_lo"]
+        high_row = study.trial_figures(high).iloc[0]
+        assert high_row["error_lo"] > high_row["golden_error"] + 0.5 and high_row["harm_trial"] == 1.0
+        faults = [set(zip(r.faults()["trial"], r.faults()["site"], r.faults()["index"], r.faults()["bit"]))
+                  for r in (low, high)]
+        assert faults[0] and faults[0] < faults[1], s.name
+        diff = jaxfi.stats.paired_interval(1.0 - high.table["accuracy"], 1.0 - low.table["accuracy"])
+        assert diff["lo"] > 0.5, (s.name, diff)
 
 
 def test_activation_and_count_points_place_the_requested_faults(subjects, tmp_path):
@@ -206,21 +231,81 @@ def test_missing_torchvision_weights_name_the_files_expected(tmp_path):
         study.load_subjects(["resnet18"], tmp_path, weights=str(tmp_path), eval_size=4)
 
 
-def test_target_grows_steep_points_to_the_half_width_and_stops_flat_ones():
+def test_target_grows_steep_points_to_the_half_width_and_never_stops_on_an_unsupported_sample():
     target = study.Target(half_width=0.03, min_trials=32, max_trials=2048)
     rng = np.random.default_rng(0)
-    assert target.next_trials(np.full(32, 0.05)) is None  # every trial alike: a zero-width interval
+    # Every trial kept the golden error: no zero-width interval, the changed-share bound instead.
+    flat = np.full(32, 0.05)
+    assert target.interval(flat, 0.05)["method"] == "changed-share bound"
+    assert target.interval(flat, 0.05)["half_width"] == pytest.approx((1 - 0.05 ** (1 / 32)) / 2)
+    grown = target.next_trials(flat, 0.05, step=32)
+    assert grown is not None and grown % 32 == 0 and grown >= 64
+    assert target.next_trials(np.full(64, 0.05), 0.05) is None  # 3.0/64 / 2 < 0.03
     steep = rng.choice([0.05, 0.9], size=32)  # sd about 0.43: about (1.96 * 0.43 / 0.03)**2 trials
-    grown = target.next_trials(steep, step=32)
+    grown = target.next_trials(steep, 0.05, step=32)
+    assert target.interval(steep, 0.05)["method"] == "t"
     assert grown % 32 == 0 and 700 < grown < 1100
-    assert target.next_trials(rng.choice([0.05, 0.9], size=grown)) in (None, *range(grown + 32, 2049))
-    assert target.next_trials(rng.choice([0.05, 0.9], size=2048)) is None  # the cap
-    assert target.next_trials(np.r_[np.full(31, 0.05), 0.06]) is None
-    assert study.half_width(steep) == pytest.approx(
-        jaxfi.stats.mean_interval(steep)["half_width"])
+    assert target.next_trials(rng.choice([0.05, 0.9], size=grown), 0.05) in (None, *range(grown + 32, 2049))
+    assert target.next_trials(rng.choice([0.05, 0.9], size=2048), 0.05) is None  # the cap
+    assert study.half_width(steep) == pytest.approx(jaxfi.stats.mean_interval(steep)["half_width"])
     for bad in ({"half_width": 0.0}, {"min_trials": 1}, {"max_trials": 16}, {"confidence": 1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             study.Target(**bad)
+
+
+GOLDEN = 0.055
+# Per-trial top-1 errors over 128 images, shaped like the study's points: the
+# golden error with a rare heavy tail (low rates), a bimodal mid-rate point,
+# and many small shifts (where a t interval from few changed trials is skewed).
+SHAPES = {
+    "tail 3% +20 points": lambda rng, n: GOLDEN + 0.2 * (rng.random(n) < 0.03),
+    "bimodal": lambda rng, n: np.where(rng.random(n) < 0.5, GOLDEN,
+                                       np.clip(np.round(rng.normal(0.3, 0.1, n) * 128) / 128, 0, 1)),
+    "10% shifted 1-3 images": lambda rng, n: GOLDEN + np.where(rng.random(n) < 0.1, rng.integers(1, 4, n) / 128, 0),
+}
+
+
+def _sequential_coverage(shape, target: study.Target, runs: int, interval) -> float:
+    """Share of simulated sequential runs whose final interval covers the true mean."""
+    truth = SHAPES[shape](np.random.default_rng(99), 2_000_000).mean()
+    rng, covered = np.random.default_rng(1), 0
+    for _ in range(runs):
+        errors = SHAPES[shape](rng, target.max_trials)
+        n = target.min_trials
+        while (grown := target.next_trials(errors[:n], GOLDEN, step=32)) is not None:
+            n = grown
+        lo, hi = interval(errors[:n])
+        covered += lo <= truth <= hi
+    return covered / runs
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_sequential_target_covers_at_its_stated_rate(shape):
+    """1,500 simulated runs of the sweep's rule (fixed seeds), +-2 points at 95%: coverage >= 93%.
+
+    With 1,500 runs the coverage estimate's standard error is about 0.006, so
+    0.93 is three of them below nominal. The rule's own simulations gave
+    0.95-0.99 on these shapes (0.89-0.94 with MIN_CHANGED of 1 to 5).
+    """
+    target = study.Target(half_width=0.02, min_trials=32, max_trials=2048)
+    coverage = _sequential_coverage(shape, target, 1500,
+                                    lambda e: (target.interval(e, GOLDEN)["lo"], target.interval(e, GOLDEN)["hi"]))
+    assert coverage >= 0.93, coverage
+
+
+class _StudentT(study.Target):
+    """The rule before: stop as soon as the Student-t half-width is small enough."""
+
+    def interval(self, errors, golden_error):
+        return jaxfi.stats.mean_interval(errors, self.confidence, (0.0, 1.0))
+
+
+def test_the_former_student_t_rule_does_not_cover():
+    """The same simulation with the former rule: zero-width intervals from 32 trials miss the tail."""
+    old = _StudentT(half_width=0.02, min_trials=32, max_trials=2048)
+    coverage = _sequential_coverage("tail 3% +20 points", old, 500,
+                                    lambda e: (old.interval(e, GOLDEN)["lo"], old.interval(e, GOLDEN)["hi"]))
+    assert coverage < 0.8, coverage
 
 
 def test_sequential_sweep_resumes_its_store_and_meets_the_target(subjects, tmp_path):
@@ -231,7 +316,8 @@ def test_sequential_sweep_resumes_its_store_and_meets_the_target(subjects, tmp_p
     done, = study.run_sweep([job], tmp_path, trials=target, seed=0, executor="loop", chunk_size=8, log=None)
     errors = 1.0 - done.result.table["accuracy"].to_numpy()
     assert 8 < len(errors) <= 64 and done.computed == len(errors) and done.executor == "loop"
-    assert len(errors) == 64 or study.half_width(errors) <= 0.1
+    golden = 1.0 - done.result.golden.accuracy
+    assert len(errors) == 64 or study.half_width(errors, golden_error=golden) <= 0.1
     again, = study.run_sweep([job], tmp_path, trials=target, seed=0, executor="loop", chunk_size=8, log=None)
     assert again.computed == 0 and again.executor == ""
     pd.testing.assert_frame_equal(again.result.table, done.result.table)

@@ -49,7 +49,7 @@ from jaxfi._src import outcomes as outcomes_lib
 from jaxfi._src.bits import check_x64
 from jaxfi._src.distributed import Layout
 from jaxfi._src.inject import Record
-from jaxfi._src.plan import Plan
+from jaxfi._src.plan import TRIALS_PER_POINT, Plan, point_index, split_index
 from jaxfi._src.record import record_table
 from jaxfi._src.sites import Site
 from jaxfi._src.store import CorruptChunkError, ForeignChunkError, Store
@@ -57,7 +57,7 @@ from jaxfi._src.trial import REFERENCE, Computed, Trials, faulty, sites_of, tria
 from jaxfi._src.version import __version__
 
 _RECORD_COLUMN = "r{plan}.{field}"
-MAX_TRIALS = 2**31 - 1
+MAX_TRIALS = TRIALS_PER_POINT
 # Without x64 a PRNG key holds a 32-bit seed: larger seeds would alias smaller ones.
 SEEDS = 2**32
 
@@ -80,7 +80,9 @@ class Campaign:
     ``fn(golden_output, faulty_output, labels) -> {name: scalar}``.
     ``seed`` is an integer in [0, 2**32). Arrays must keep their dtype in
     JAX: 64-bit ones need ``jax_enable_x64``. The golden run is computed
-    once, here.
+    once, here (``golden_compile_seconds``: its compile and first run).
+    ``points`` is the number of sweep points the plans' rates give (1
+    without a sweep; see ``Plan``).
 
     ``batch_size`` splits the inputs (every leaf, and the labels) along axis
     0 into microbatches of that many rows: each trial's faults are drawn
@@ -121,12 +123,14 @@ class Campaign:
         began = time.perf_counter()
         first = jax.device_get(forward(params, self._microbatch(0)))
         compile_seconds = time.perf_counter() - began
+        self.golden_compile_seconds = compile_seconds
         outputs = [first] + [jax.device_get(forward(params, self._microbatch(j)))
                              for j in range(1, len(self._spans))]
         self.golden = outcomes_lib.golden(
             np.concatenate([o[self._real(j)] for j, o in enumerate(outputs)]), self.labels)
         self.sites: tuple[tuple[Site, ...], ...] = tuple(
             tuple(sites_of(apply_fn, plan, params, self._microbatch(0))) for plan in self.plans)
+        self.points = _points(self.plans)
         self._outcome_fns = tuple(outcomes)
         builtin = outcomes_lib.builtin_names(self.labels is not None)
         self._custom = outcomes_lib.custom_names(self._outcome_fns, self.golden, builtin)
@@ -200,12 +204,17 @@ class Campaign:
             **({} if self.batch_size is None else {"batch_size": self.batch_size}),
         }
 
-    def run(self, trials: int, *, executor: str | exec_lib.Executor = "auto",
+    def run(self, trials: int, *, point: int = 0, executor: str | exec_lib.Executor = "auto",
             chunk_size: int = 64, store: str | os.PathLike | None = None,
             margin: float | None = None, confidence: float = 0.95, method: str = "wilson",
             quiet: bool = False, verify: bool = True,
             devices: Sequence[jax.Device] | None = None) -> Result:
-        """Run trials 0..``trials``-1 (those not already in ``store``) and return the results.
+        """Run trials 0..``trials``-1 of sweep ``point`` (those not already in ``store``) and return them.
+
+        ``point`` picks the rate of plans whose rate is a sweep (a sequence
+        of rates): every point runs on the same compiled programs, and trial
+        ``i`` draws from the same key at every point (paired). A campaign
+        without a sweep has the one point 0. A store holds every point.
 
         ``executor``: "grouped", "vmap", "map", "loop", "auto" or an executor
         object. "auto" decides once per campaign (and per store, which
@@ -215,7 +224,7 @@ class Campaign:
         ``chunk_size`` trials are computed (and stored) at a time; memory grows
         with it, not with ``trials``. ``store``: a directory written chunk by
         chunk and resumed on the next call, with any executor or chunk size.
-        ``margin``: before each chunk, stop if every rate's interval
+        ``margin``: before each chunk, stop if every per-trial rate's interval
         (``confidence``, ``method``) has a half-width of at most ``margin``; the
         trials kept are then a prefix, and the same call stops at the same
         trial again. ``verify`` checks a batched executor's first chunk against
@@ -231,28 +240,32 @@ class Campaign:
         """
         trials, chunk_size = _positive("trials", trials, 0), _positive("chunk_size", chunk_size, 1)
         if trials > MAX_TRIALS:
-            raise ValueError(f"trials must be at most {MAX_TRIALS} (int32 trial indices), got {trials}")
+            raise ValueError(f"trials must be at most {MAX_TRIALS} per point, got {trials}")
+        point = _positive("point", point, 0)
+        if point >= self.points:
+            raise ValueError(f"point must be in [0, {self.points}) (the plans' sweep points), got {point}")
+        first = point_index(point, 0)
         listed = [len(p.faults) for p in self.plans if p.faults is not None]
         if listed and trials > min(listed):
             raise ValueError(f"trials={trials} exceeds the {min(listed)} trials of the plan's fault list")
         devices = _own(devices)
         layout = Layout.current(len(devices), min(chunk_size, max(trials, 1)))
         layout.agree("the campaign configuration", {
-            "campaign": self.config, "trials": trials, "chunk_size": chunk_size, "margin": margin,
+            "campaign": self.config, "trials": trials, "point": point, "chunk_size": chunk_size, "margin": margin,
             "confidence": confidence, "method": method, "store": store is not None})
         quiet = quiet or layout.index != 0
         db = Store(store, self.config, process_index=layout.index) if store is not None else None
         session = _Session(self, exec_lib.executor(executor), layout, devices, verify, quiet, db)
-        parts = self._stored(db, trials)
+        parts = self._stored(db, (first, first + trials))
         tally = _Tally(self, parts)
-        ranges = db.missing(trials) if db is not None else [(0, trials)]
+        ranges = db.missing(first + trials, start=first) if db is not None else [(first, first + trials)]
         if db is not None:
             layout.agree("the trials already stored", {"missing": ranges},
                          f"\nThe store {db.path} must be on a file system every process shares.")
         left = sum(b - a for a, b in ranges)
         stopped = False
         with tqdm(total=trials, initial=tally.trials, unit="trial", disable=quiet,
-                  desc="campaign", dynamic_ncols=True) as bar:
+                  desc="campaign" if self.points == 1 else f"point {point}", dynamic_ncols=True) as bar:
             session.bar = bar
             for start, stop in _chunks(ranges, chunk_size):
                 if margin is not None and tally.converged(margin, confidence, method):
@@ -322,22 +335,26 @@ class Campaign:
         parts = self._stored(Store(store, self.config, create=False), None)
         return self._result(parts, "", None, False, None)
 
-    def replay(self, index: int) -> TrialResult:
-        """Recompute trial ``index`` alone; equal bit for bit to its row in any run.
+    def replay(self, index: int, point: int = 0) -> TrialResult:
+        """Recompute trial ``index`` of sweep ``point`` alone; equal bit for bit to its row in any run.
 
         Args:
-          index: a trial index in [0, 2**31 - 1].
+          index: a trial index in [0, MAX_TRIALS).
+          point: the sweep point (0 without a sweep).
 
         Returns:
           The trial's output, records and outcomes.
         """
         index = _positive("index", index, 0)
-        if index > MAX_TRIALS:
-            raise ValueError(f"index must be at most {MAX_TRIALS} (int32 trial indices), got {index}")
+        if index >= MAX_TRIALS:
+            raise ValueError(f"index must be below {MAX_TRIALS} (trials per point), got {index}")
+        point = _positive("point", point, 0)
+        if point >= self.points:
+            raise ValueError(f"point must be in [0, {self.points}) (the plans' sweep points), got {point}")
         runs, records = [], None
         for j in range(len(self._spans)):
             trials = self._trials if j == 0 else self._trials.on(self._microbatch(j))
-            output, recorded = trials.replay(index)
+            output, recorded = trials.replay(point_index(point, index))
             records = recorded if records is None else records
             computed = Computed(output[None], jax.tree.map(lambda a: a[None], recorded),
                                 np.asarray([REFERENCE], np.int64))
@@ -398,7 +415,7 @@ class Campaign:
                 columns[name][rows] = a
         return columns
 
-    def _stored(self, db: Store | None, limit: int | None) -> list[dict[str, np.ndarray]]:
+    def _stored(self, db: Store | None, span: tuple[int, int] | None) -> list[dict[str, np.ndarray]]:
         if db is None:
             return []
         try:
@@ -410,7 +427,7 @@ class Campaign:
                                     "Store.quarantine and run again to recompute its trials") from err
         if arrays["trial"].size == 0:
             return []
-        keep = arrays["trial"] < limit if limit is not None else slice(None)
+        keep = ((arrays["trial"] >= span[0]) & (arrays["trial"] < span[1])) if span is not None else slice(None)
         return [{name: a[keep] for name, a in arrays.items()}]
 
     def _result(self, parts: list[dict[str, np.ndarray]], executor: str, timings: pd.DataFrame | None,
@@ -419,7 +436,8 @@ class Campaign:
         records = tuple(
             Record(*(columns[_RECORD_COLUMN.format(plan=j, field=f)] for f in Record._fields))
             for j in range(len(self.plans)))
-        table = pd.DataFrame({"trial": columns["trial"],
+        point, trial = split_index(columns["trial"])
+        table = pd.DataFrame({"trial": trial, **({"point": point} if self.points > 1 else {}),
                               **{n: columns[n] for n in self.outcome_names},
                               "program": columns["program"],
                               **fault_summary(records, self.sites)})
@@ -554,7 +572,10 @@ class _Tally:
     """Running event counts, for the stopping rule without re-reading the table."""
 
     def __init__(self, campaign: Campaign, parts: Sequence[Mapping[str, np.ndarray]]):
-        self._groups = rate_groups(campaign.golden, campaign.outcome_names, campaign._custom)
+        # Per-trial events only: a count of inputs needs the per-trial values
+        # for its cluster interval, and is bounded by its per-trial event.
+        self._groups = [g for g in rate_groups(campaign.golden, campaign.outcome_names, campaign._custom)
+                        if g[2] == "trial"]
         self._sums = {name: 0 for names, _, _ in self._groups for name in names}
         self.trials = 0
         for part in parts:
@@ -628,9 +649,11 @@ class Result:
         has at least one such input; per-input rates divide the count of
         affected inputs by trials x batch size, or by trials x inputs golden
         got right for ``sdc_correct_inputs``. ``method`` is "wilson" or
-        "clopper_pearson". Per-input intervals treat inputs as independent,
-        which they are not when one fault changes many of them: they are too
-        narrow, and the per-trial rates are the ones to quote with intervals.
+        "clopper_pearson" (per-trial rates). Per-input rates get cluster
+        intervals with the trial as the cluster (``stats.cluster_interval``):
+        one fault changes many inputs at once, so inputs are not
+        independent. Per-trial rates depend on the number of inputs a trial
+        evaluates (``golden.batch``): quote them with it.
         ``overflow`` counts the row's trials that were truncated at a cap.
         """
         keys = [by] if isinstance(by, str) else list(by or [])
@@ -707,6 +730,15 @@ def fault_summary(records: Sequence[Record], sites: Sequence[Sequence[Site]]) ->
         "site": np.where(~has, "none", np.where(lo == hi, label[np.minimum(lo, len(names))], "mixed")),
         "bit": np.where(has & (lo_bit == hi_bit), lo_bit, -1),
     }
+
+
+def _points(plans: Sequence[Plan]) -> int:
+    """The sweep points the plans share (1 without a sweep)."""
+    swept = {p.points for p in plans if p.points > 1}
+    if len(swept) > 1:
+        raise ValueError(f"plans sweep different numbers of rates {sorted(swept)}: give every swept "
+                         "plan the same number of points")
+    return swept.pop() if swept else 1
 
 
 def _chunks(ranges: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:

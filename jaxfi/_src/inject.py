@@ -91,12 +91,13 @@ class Record(NamedTuple):
         return jnp.sum(self.valid, axis=-1)
 
 
-def _draw_count(key: jax.Array, pop: Population) -> tuple[jax.Array, jax.Array]:
-    """Fault count for one trial and whether it exceeded the cap."""
+def _draw_count(key: jax.Array, pop: Population, point: Any = 0) -> tuple[jax.Array, jax.Array]:
+    """Fault count for one trial at sweep point ``point`` and whether it exceeded the cap."""
     if pop.thresholds is None:
         return jnp.asarray(pop.cap, jnp.int32), jnp.asarray(False)
-    hi_t = jnp.asarray((pop.thresholds >> np.uint64(32)).astype(np.uint32))
-    lo_t = jnp.asarray((pop.thresholds & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+    row = jnp.clip(jnp.asarray(point, jnp.int32), 0, pop.thresholds.shape[0] - 1)
+    hi_t = jnp.asarray((pop.thresholds >> np.uint64(32)).astype(np.uint32))[row]
+    lo_t = jnp.asarray((pop.thresholds & np.uint64(0xFFFFFFFF)).astype(np.uint32))[row]
     word = jax.random.bits(key, (2,), jnp.uint32)
     below = (word[0] < hi_t) | ((word[0] == hi_t) & (word[1] < lo_t))
     # Survival thresholds decrease in k, so N = #{k : U < P(N > k)}.
@@ -178,11 +179,21 @@ def _placements(key: jax.Array, pop: Population, m: int):
     return site[chosen], index[chosen], slot[chosen], distinct
 
 
-def sample_faults(key: jax.Array, pop: Population) -> Faults:
-    """Draw one trial's faults: a count (exact or binomial) placed without replacement."""
+def sample_faults(key: jax.Array, pop: Population, point: Any = 0) -> Faults:
+    """Draw one trial's faults: a count (exact or binomial) placed without replacement.
+
+    Args:
+      key: the trial's sampling key for this plan.
+      pop: the plan's population.
+      point: the sweep point whose rate draws the count (a rate sweep's
+        points share the placements, so lower rates hit subsets).
+
+    Returns:
+      The trial's faults.
+    """
     k_count, k_place = jax.random.split(key)
     m = pop.cap
-    n, overflow = _draw_count(k_count, pop)
+    n, overflow = _draw_count(k_count, pop, point)
     if m == 0:
         empty = jnp.zeros((0,), jnp.int32)
         return Faults(empty, empty, empty, jnp.zeros((0,), bool), overflow)
@@ -300,13 +311,14 @@ def assemble_record(faults: Faults, pop: Population, parts: Sequence[SiteFaults]
                   after, faults.valid, faults.overflow)
 
 
-def plan_faults(key: jax.Array, pop: Population) -> Faults:
-    """The faults a trial with plan key ``key`` draws (what ``inject`` applies)."""
-    return sample_faults(plan_keys(key)[0], pop)
+def plan_faults(key: jax.Array, pop: Population, point: Any = 0) -> Faults:
+    """The faults a trial with plan key ``key`` draws at sweep point ``point`` (what ``inject`` applies)."""
+    return sample_faults(plan_keys(key)[0], pop, point)
 
 
 class Live(NamedTuple):
-    """A trial's ``live`` flag with its index, which fault-list plans read."""
+    """A trial's ``live`` flag with its campaign index, which fault-list plans
+    and rate sweeps (the point, ``plan.split_index``) read."""
 
     live: jax.Array
     index: jax.Array
@@ -331,7 +343,7 @@ def live_faults(key: jax.Array, pop: Population, live: jax.Array | Live | None =
     index = live.index if isinstance(live, Live) else None
     live = live.live if isinstance(live, Live) else live
     if pop.listed is None:
-        faults = sample_faults(key, pop)
+        faults = sample_faults(key, pop, 0 if index is None else plan_lib.split_index(index)[0])
     elif index is None:
         raise ValueError("a plan with a fault list needs the trial's index: run it in a jaxfi.Campaign")
     else:

@@ -27,6 +27,32 @@ from jaxfi._src.sites import Selector, Site
 # smallest count whose upper tail probability is below this.
 TAIL_PROBABILITY = 1e-13
 MAX_CAP = 200_000
+# A campaign trial index (int32) holds a point of a rate sweep in its high
+# bits and the trial within the point in its low TRIAL_BITS bits: one
+# compiled program serves every point, and trial i draws from the same key at
+# every point.
+TRIAL_BITS = 24
+TRIALS_PER_POINT = 2**TRIAL_BITS
+MAX_POINTS = 2**(31 - TRIAL_BITS)
+
+
+def point_index(point: int, trial: int) -> int:
+    """The campaign index of trial ``trial`` of sweep point ``point``.
+
+    Raises:
+      ValueError: ``point`` is not in [0, MAX_POINTS) or ``trial`` not in
+        [0, TRIALS_PER_POINT).
+    """
+    if not 0 <= point < MAX_POINTS:
+        raise ValueError(f"point must be in [0, {MAX_POINTS}), got {point!r}")
+    if not 0 <= trial < TRIALS_PER_POINT:
+        raise ValueError(f"trial must be in [0, {TRIALS_PER_POINT}), got {trial!r}")
+    return (point << TRIAL_BITS) | trial
+
+
+def split_index(index: Any) -> tuple[Any, Any]:
+    """(point, trial) of campaign indices (ints or integer arrays; negative: point 0)."""
+    return (index >> TRIAL_BITS) * (index >= 0), index & (TRIALS_PER_POINT - 1)
 
 
 class FaultList:
@@ -111,6 +137,15 @@ class Plan:
     that draws more is truncated and flagged ``overflow``). The cap never
     exceeds the population, so a rate of 1 hits every element.
 
+    A rate may be a sequence of rates: a sweep whose points share one
+    compiled program (the rate is data to it, the static cap is the largest
+    point's). ``Campaign.run(point=j)`` runs point ``j``. Trial ``i`` draws
+    from the same key at every point, so its faults at a lower rate are a
+    subset of its faults at a higher rate (common random numbers): compare
+    points with paired statistics. Point ``j`` of a sweep draws exactly the
+    faults of a plan with the single rate ``rates[j]`` and ``max_faults`` set
+    to the sweep's cap.
+
     Numbers may be Python or numpy scalars; they are stored as ``int`` and
     ``float``. Booleans, non-integer counts and caps, and rates outside
     [0, 1] (NaN included) are refused here, naming the field.
@@ -140,8 +175,8 @@ class Plan:
     sites: Selector
     fault: faults_lib.FaultModel = faults_lib.BitFlip()
     count: int | None = None
-    ber: float | None = None
-    value_rate: float | None = None
+    ber: float | tuple[float, ...] | None = None
+    value_rate: float | tuple[float, ...] | None = None
     max_faults: int | None = None
     permanent: bool = False
     faults: FaultList | None = None
@@ -168,7 +203,9 @@ class Plan:
         for name, value in (("count", self.count), ("max_faults", self.max_faults)):
             object.__setattr__(self, name, _integer(name, value))
         for name in ("ber", "value_rate"):
-            object.__setattr__(self, name, probability(name, getattr(self, name)))
+            object.__setattr__(self, name, _rates(name, getattr(self, name)))
+        if self.faults is not None and self.points > 1:
+            raise ValueError("a plan with a fault list has no rate sweep")
         if self.count is not None and self.count < 0:
             raise ValueError(f"count must be a non-negative integer, got {self.count!r}")
         if self.ber is not None and self.fault.granularity != "bit":
@@ -198,6 +235,17 @@ class Plan:
     @property
     def kind(self) -> str:
         return self.sites.kind
+
+    @property
+    def rates(self) -> tuple[float, ...] | None:
+        """The rate of every sweep point (one for a single rate), or None for a count."""
+        rate = self.ber if self.ber is not None else self.value_rate
+        return None if rate is None else rate if isinstance(rate, tuple) else (rate,)
+
+    @property
+    def points(self) -> int:
+        """Number of sweep points: the rates given as a sequence, else 1."""
+        return len(self.rates) if self.rates is not None else 1
 
     @property
     def granularity(self) -> str:
@@ -233,6 +281,16 @@ def probability(name: str, value: Any) -> float | None:
     return float(value)
 
 
+def _rates(name: str, value: Any) -> float | tuple[float, ...] | None:
+    """A rate, or a sweep of rates (a non-empty sequence of at most MAX_POINTS)."""
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        return probability(name, value)
+    rates = tuple(probability(f"{name}[{j}]", r) for j, r in enumerate(value))
+    if not 1 <= len(rates) <= MAX_POINTS:
+        raise ValueError(f"{name} as a sweep needs 1 to {MAX_POINTS} rates, got {len(rates)}")
+    return rates
+
+
 def _integer(name: str, value: Any) -> int | None:
     if value is None:
         return None
@@ -248,7 +306,8 @@ class Population:
     ``positions[s]`` lists the allowed bits of site ``s`` (bit granularity);
     ``weights[s]`` is the number of population elements in site ``s``.
     ``thresholds`` (if a rate is used) are 64-bit fixed-point survival
-    probabilities P(N > k), k = 0..cap, of the binomial fault count.
+    probabilities P(N > k), k = 0..cap, of the binomial fault count, one row
+    per sweep point (shape [points, cap + 1]).
     """
 
     plan: Plan
@@ -271,11 +330,11 @@ class Population:
 
     @property
     def expected(self) -> float:
-        """Expected number of faults per trial."""
+        """Expected number of faults per trial, averaged over the sweep's points."""
         p = self.plan
         if p.count is not None:
             return float(p.count)
-        return self.total * (p.ber if p.ber is not None else p.value_rate)
+        return self.total * float(np.mean(p.rates))
 
 
 @functools.lru_cache(maxsize=256)
@@ -292,17 +351,17 @@ def _population(plan: Plan, candidates: tuple[Site, ...]) -> Population:
     weights = tuple(s.size * (len(b) if granularity == "bit" else 1)
                     for s, b in zip(sites, positions))
     total = sum(weights)
-    rate = plan.ber if plan.ber is not None else plan.value_rate
+    rates = plan.rates
     if plan.faults is not None:
         listed = _listed(plan, sites, positions)
         return Population(plan, sites, tuple(positions), weights, plan.count, None, listed)
-    if rate is None:
+    if rates is None:
         if plan.count > total:
             raise ValueError(
                 f"count={plan.count} faults per trial exceeds the population of "
                 f"{total} {granularity}s in the selected sites")
         return Population(plan, sites, tuple(positions), weights, plan.count, None)
-    cap, thresholds = _binomial_thresholds(total, rate, plan.max_faults)
+    cap, thresholds = _binomial_thresholds(total, rates, plan.max_faults)
     return Population(plan, sites, tuple(positions), weights, cap, thresholds)
 
 
@@ -362,13 +421,15 @@ def units(sites: Sequence[Site]) -> tuple[Site, ...]:
     return tuple(dataclasses.replace(s, shape=tuple(s.shape[1:])) for s in sites)
 
 
-def _binomial_thresholds(n: int, p: float, cap: int | None) -> tuple[int, np.ndarray]:
-    """Static cap and 64-bit fixed-point survival thresholds of Binomial(n, p).
+def _binomial_thresholds(n: int, rates: Sequence[float], cap: int | None) -> tuple[int, np.ndarray]:
+    """Static cap and 64-bit fixed-point survival thresholds of Binomial(n, p), one row per rate p.
 
     Computed exactly in float64 at trace time; sampling compares one 64-bit
     uniform word against them, which works wherever integer compares work
-    (unlike jax.random.binomial, whose variance is wrong for huge n).
+    (unlike jax.random.binomial, whose variance is wrong for huge n). The cap
+    is the largest rate's, so every row has the same length.
     """
+    p = max(rates)
     if cap is None:
         cap = max(int(sps.binom.isf(TAIL_PROBABILITY, n, p)) + 1 if p > 0 else 1, 1)
     # A trial never draws more faults than the population holds elements, so
@@ -378,7 +439,9 @@ def _binomial_thresholds(n: int, p: float, cap: int | None) -> tuple[int, np.nda
         raise ValueError(
             f"rate {p} over {n} population elements expects {n * p:.3g} faults per "
             f"trial (cap {cap} > {MAX_CAP}); use a lower rate or fewer sites")
-    sf = sps.binom.sf(np.arange(cap + 1), n, p)
-    scaled = np.floor(np.clip(sf, 0.0, 1.0) * 2.0**64)
-    as_int = np.array([min(int(x), 2**64 - 1) for x in scaled], dtype=np.uint64)
-    return cap, as_int
+    rows = []
+    for rate in rates:
+        sf = sps.binom.sf(np.arange(cap + 1), n, rate)
+        scaled = np.floor(np.clip(sf, 0.0, 1.0) * 2.0**64)
+        rows.append([min(int(x), 2**64 - 1) for x in scaled])
+    return cap, np.array(rows, dtype=np.uint64)

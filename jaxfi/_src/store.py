@@ -423,18 +423,21 @@ class Store:
         ranges = [np.arange(a, b, dtype=np.int64) for a, b, _ in self._chunks()]
         return np.concatenate(ranges) if ranges else np.zeros(0, np.int64)
 
-    def missing(self, n_trials: int) -> list[tuple[int, int]]:
-        """Ranges [start, stop) of trials below `n_trials` not yet stored."""
+    def missing(self, n_trials: int, start: int = 0) -> list[tuple[int, int]]:
+        """Ranges [a, b) of trials in [`start`, `n_trials`) not yet stored."""
         n_trials = _check_index("n_trials", n_trials)
-        if n_trials < 0:
-            raise ValueError(f"n_trials must be >= 0, got {n_trials}")
-        gaps, pos = [], 0
-        for start, stop, _ in self._chunks():
-            if start >= n_trials:
+        start = _check_index("start", start)
+        if n_trials < 0 or start < 0:
+            raise ValueError(f"n_trials and start must be >= 0, got {n_trials} and {start}")
+        gaps, pos = [], start
+        for a, b, _ in self._chunks():
+            if a >= n_trials:
                 break
-            if start > pos:
-                gaps.append((pos, start))
-            pos = stop
+            if b <= pos:
+                continue
+            if a > pos:
+                gaps.append((pos, a))
+            pos = b
         if pos < n_trials:
             gaps.append((pos, n_trials))
         return gaps

@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxfi._src import activations
 from jaxfi._src.inject import Live, Record, inject_arrays, inject_params
-from jaxfi._src.plan import Plan
+from jaxfi._src.plan import Plan, split_index
 from jaxfi._src.sites import Site, param_sites, path_name
 
 
@@ -55,8 +55,9 @@ def inject_inputs(key: jax.Array, args: Sequence[Any], plan: Plan,
 
 
 def trial_key(base_key: jax.Array, index: Any) -> jax.Array:
-    """Trial ``index``'s key in a campaign with key ``base_key``."""
-    return jax.random.fold_in(base_key, index)
+    """Trial ``index``'s key in a campaign with key ``base_key``: the same at
+    every point of a rate sweep (``plan.split_index``)."""
+    return jax.random.fold_in(base_key, split_index(index)[1])
 
 
 def plan_key(key: jax.Array, i: int) -> jax.Array:
@@ -202,14 +203,27 @@ class Trials:
         """The same trials on other inputs of the same shapes and dtypes,
         sharing the compiled unbatched trial (``single``)."""
         moved = dataclasses.replace(self, inputs=inputs)
-        if "single" in self.__dict__:
-            moved.__dict__["single"] = self.single
+        for shared in ("single", "single_compile_seconds"):
+            if shared in self.__dict__:
+                moved.__dict__[shared] = self.__dict__[shared]
         return moved
 
     @functools.cached_property
     def single(self) -> Callable[..., Any]:
-        """The jitted unbatched trial: the reference every executor is measured against."""
-        return jax.jit(self.fn)
+        """The compiled unbatched trial on the default device: the reference
+        every executor is measured against. Compiled once, ahead of time
+        (``single_compile_seconds``), and shared by the golden run, replays
+        and the loop executor."""
+        began = time.perf_counter()
+        compiled = jax.jit(self.fn).lower(self.base_key, np.int32(0), self.params, self.inputs).compile()
+        self.__dict__["single_compile_seconds"] = time.perf_counter() - began
+        return compiled
+
+    @property
+    def single_compile_seconds(self) -> float:
+        """Seconds the unbatched trial took to compile (compiling it if it was not yet)."""
+        _ = self.single
+        return self.__dict__["single_compile_seconds"]
 
     def replay(self, index: int) -> Outputs:
         """Trial ``index`` alone, on the default device, as numpy arrays."""

@@ -51,11 +51,19 @@ def _jsonable(value: Any) -> Any:
 
 
 def timings(done: Sequence[Done]) -> list[dict[str, Any]]:
-    """Per job, for the JSON: its path, trials kept, trials computed in this call, the
-    executor that computed them, seconds, and what ``executor="auto"`` measured when it decided."""
-    return [{"path": d.job.path, "trials": len(d.result), "computed": d.computed, "executor": d.executor,
-             "seconds": round(d.seconds, 2),
+    """Per job and point, for the JSON: its path and point, trials kept, trials computed in this
+    call, the executor that computed them, seconds, the job's compile seconds, and what
+    ``executor="auto"`` measured when it decided."""
+    return [{"path": d.job.path, "point": d.point, "trials": len(d.result), "computed": d.computed,
+             "executor": d.executor, "seconds": round(d.seconds, 2),
+             "job_compile_seconds": None if d.compile_seconds is None else round(d.compile_seconds, 2),
              "auto": None if d.timings is None else d.timings.to_dict("records")} for d in done]
+
+
+def compile_seconds(done: Sequence[Done]) -> float:
+    """The compile seconds of every job that computed trials, each job counted once."""
+    per_job = {id(d.job): d.compile_seconds for d in done if d.compile_seconds is not None}
+    return float(sum(per_job.values()))
 
 
 def write_report(stem: str | pathlib.Path, table: pd.DataFrame, *, name: str,
@@ -87,6 +95,6 @@ def write_report(stem: str | pathlib.Path, table: pd.DataFrame, *, name: str,
     write_json(f"{stem}.json", {
         "study": name, "command": sys.argv, "flags": flag_values,
         "models": {s.label: s.info for s in subjects}, "points": timings(done),
-        "wall_seconds": round(wall, 1)})
+        "compile_seconds": round(compile_seconds(done), 1), "wall_seconds": round(wall, 1)})
     show(table)
     print(f"wrote {stem}.{{csv,json,png}} in {wall:.0f}s")

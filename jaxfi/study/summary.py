@@ -1,9 +1,13 @@
 """The figures of a study's campaign: per-trial values, and their means and rates with intervals.
 
 The unit of replication is the trial (one fault scenario applied to the whole
-evaluation batch), so per-input fractions are averaged per trial and get a
-Student-t interval over trials (``jaxfi.stats.mean_interval``), and per-trial
-events get a Wilson interval over trials.
+evaluation batch), so per-input fractions are averaged per trial (the trial
+is the cluster of its inputs) and get an interval over trials
+(``jaxfi.stats.mean_interval`` with the fault-free value as baseline: the
+changed-share bound while fewer than ``jaxfi.stats.MIN_CHANGED`` trials
+moved, else Student-t), and per-trial events get a Wilson interval over
+trials. Per-trial figures depend on the evaluation size (``eval_size``):
+quote them with it.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ _COLUMNS = {
     "due_trial": "fraction of trials with at least one DUE input",
     "harm_trial": "fraction of trials with any SDC or DUE (not masked)",
 }
+_GUARDED = "over trials, jaxfi.stats.mean_interval with the fault-free value as baseline"
 _INTERVALS = {f"{name}_{end}": f"95% {kind} interval of {name}, {end} bound"
-              for names, kind in ((MEANS, "Student-t (over trials)"), (EVENTS, "Wilson"))
+              for names, kind in ((MEANS, _GUARDED), (EVENTS, "Wilson"))
               for name in names for end in ("lo", "hi")}
 
 
@@ -96,7 +101,8 @@ def _figures(key: Any, rows: pd.DataFrame, by: str | None, golden_error: float,
                faults_mean=float(rows["faults"].mean()), overflow=int(rows["overflow"].sum()))
     for name in MEANS:
         bounds = (0.0, math.inf) if name in _NON_NEGATIVE else (0.0, 1.0)
-        s = stats.mean_interval(rows[name].to_numpy(), confidence, bounds)
+        baseline = golden_error if name == "error" else 0.0
+        s = stats.mean_interval(rows[name].to_numpy(), confidence, bounds, baseline=baseline)
         row[name], row[f"{name}_lo"], row[f"{name}_hi"] = s["mean"], s["lo"], s["hi"]
     for name in EVENTS:
         k, n = int(rows[name].sum()), len(rows)

@@ -65,13 +65,22 @@ class Point:
         return f"{self.site}-ber{self.rate:.6g}" if self.rate is not None else f"{self.site}-count{self.count}"
 
 
-def plans_for(subject: Subject, point: Point, batch_stats: bool = False) -> tuple[jaxfi.Plan, ...]:
-    """Single-bit-flip plans of ``point`` on ``subject``: weights, activations or both."""
-    how = {"ber": point.rate} if point.rate is not None else {"count": point.count}
+def plans_for(subject: Subject, point: Point | Sequence[Point], batch_stats: bool = False) -> tuple[jaxfi.Plan, ...]:
+    """Single-bit-flip plans of ``point`` on ``subject``: weights, activations or both.
+
+    Several rate points of one site make one sweep: each plan's ``ber`` is
+    their rates, so one compiled program serves them all
+    (``jaxfi.Campaign.run(point=j)``).
+    """
+    points = (point,) if isinstance(point, Point) else tuple(point)
+    if len({p.site for p in points}) != 1 or (len(points) > 1 and any(p.rate is None for p in points)):
+        raise ValueError(f"a sweep's points must share one site and each have a rate, got {points}")
+    how = ({"ber": points[0].rate} if len(points) == 1 else {"ber": tuple(p.rate for p in points)}) \
+        if points[0].rate is not None else {"count": points[0].count}
     selectors = []
-    if point.site in (WEIGHTS, BOTH):
+    if points[0].site in (WEIGHTS, BOTH):
         selectors.append(weight_selector(batch_stats))
-    if point.site in (ACTIVATIONS, BOTH):
+    if points[0].site in (ACTIVATIONS, BOTH):
         selectors.append(layer_outputs(subject))
     return tuple(jaxfi.Plan(s, jaxfi.BitFlip(), **how) for s in selectors)
 
@@ -86,27 +95,45 @@ def logit_deviation(golden: np.ndarray, faulty: np.ndarray, labels: np.ndarray |
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Job:
-    """One campaign of a sweep: a subject, its plans, its store directory and its row keys."""
+    """One campaign of a sweep: a subject, its plans, its store directory and its row keys.
+
+    Attributes:
+      subject: the model and its evaluation data.
+      plans: the campaign's plans; plans whose rate is a sweep give the
+        campaign several points.
+      path: the store directory, under the sweep's root.
+      keys: row keys shared by every point.
+      points: per sweep point, its own row keys (e.g. its rate); one empty
+        entry for a campaign without a sweep.
+    """
 
     subject: Subject
     plans: tuple[jaxfi.Plan, ...]
     path: str
     keys: dict[str, Any]
+    points: tuple[dict[str, Any], ...] = ({},)
+
+    def __post_init__(self):
+        swept = max(p.points for p in self.plans)
+        if len(self.points) != swept:
+            raise ValueError(f"job {self.path}: {swept} sweep points in the plans, {len(self.points)} in points")
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
     """Sequential sample size: trials until the top-1 error is known to ``half_width``.
 
-    A point first runs ``min_trials``; while the Student-t interval of its
-    mean top-1 error over trials (``jaxfi.stats.mean_interval``, unclipped)
-    is wider than ``half_width`` on either side and fewer than
-    ``max_trials`` ran, it grows to the number of trials the current
-    per-trial standard deviation says is needed, ``(t * sd / half_width)**2``,
-    at least ``min_trials`` more. Steep points (large spread between trials)
-    get many trials, flat ones stop at ``min_trials``. Stopping on the data
-    seen (optional stopping) makes the nominal 95% coverage slightly
-    optimistic.
+    A point first runs ``min_trials``; while the interval of its mean top-1
+    error over trials is wider than ``half_width`` on either side and fewer
+    than ``max_trials`` ran, it grows to the trials the current sample says
+    are needed (at least ``min_trials`` more). The interval is
+    ``jaxfi.stats.mean_interval`` with the golden error as baseline: while
+    fewer than ``jaxfi.stats.MIN_CHANGED`` trials changed the error, it is the
+    changed-share bound (about 3/n wide at 95% when none changed), else the
+    Student-t interval. A point whose first trials all keep the golden error
+    therefore cannot stop on a zero-width interval. Coverage under this
+    sequential use is simulated in the tests (at least 0.95 at 95% nominal
+    on point-mass-plus-tail and bimodal samples shaped like the study's).
 
     Attributes:
       half_width: the largest half-width accepted, as a fraction (0.03: 3 points).
@@ -132,39 +159,54 @@ class Target:
         if not 0.0 < self.confidence < 1.0:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence!r}")
 
-    def next_trials(self, errors: np.ndarray, step: int = 1) -> int | None:
+    def interval(self, errors: np.ndarray, golden_error: float) -> dict[str, Any]:
+        """The interval the rule stops on: ``mean_interval`` with the golden error as baseline."""
+        return stats.mean_interval(errors, self.confidence, (0.0, 1.0), baseline=golden_error)
+
+    def next_trials(self, errors: np.ndarray, golden_error: float, step: int = 1) -> int | None:
         """The trials to run next given per-trial ``errors``, or None once the target or the cap is met.
 
         Args:
           errors: the top-1 error of every trial run so far.
+          golden_error: the fault-free model's error (a trial whose faults
+            changed nothing has exactly this error).
           step: the result is rounded up to a multiple of it (the chunk size,
             so that stored chunks stay full), but never past ``max_trials``.
         """
         n = len(errors)
-        if n >= self.max_trials or half_width(errors, self.confidence) <= self.half_width:
+        interval = self.interval(errors, golden_error)
+        if n >= self.max_trials or interval["half_width"] <= self.half_width:
             return None
-        t = scipy_stats.t.ppf((1.0 + self.confidence) / 2.0, n - 1)
-        needed = math.ceil((t * float(np.std(errors, ddof=1)) / self.half_width) ** 2)
+        if interval["method"] == "t":
+            t = scipy_stats.t.ppf((1.0 + self.confidence) / 2.0, n - 1)
+            needed = math.ceil((t * float(np.std(errors, ddof=1)) / self.half_width) ** 2)
+        else:  # the changed-share bound shrinks about as 1/n
+            needed = math.ceil(n * interval["half_width"] / self.half_width)
         wanted = max(needed, n + self.min_trials)
         return min(self.max_trials, -(-wanted // step) * step)
 
 
-def half_width(errors: np.ndarray, confidence: float = 0.95) -> float:
-    """The half-width of the Student-t interval of the mean of ``errors`` (not clipped to [0, 1])."""
-    return stats.mean_interval(errors, confidence)["half_width"]
+def half_width(errors: np.ndarray, confidence: float = 0.95, golden_error: float | None = None) -> float:
+    """The half-width of the interval of the mean of ``errors`` (``Target.interval`` with a golden error)."""
+    bounds = None if golden_error is None else (0.0, 1.0)
+    return stats.mean_interval(errors, confidence, bounds, baseline=golden_error)["half_width"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Done:
-    """A finished job.
+    """A finished sweep point.
 
     Attributes:
       job: the job.
-      result: its campaign's result (every trial it kept).
+      result: the point's campaign result (every trial it kept).
       computed: trials computed in this call (0: read back from the store).
-      seconds: the seconds this call took.
+      seconds: the seconds this call spent on the point (its share of the
+        job's compiles included, for the point that paid them).
       executor: the executor that computed them ("" when nothing was computed).
       timings: what ``executor="auto"`` measured when it decided in this call, else None.
+      point: the sweep point (0 for a job without a sweep).
+      compile_seconds: what the job's executor spent compiling, the golden
+        forward's compile included (None when nothing was computed).
     """
 
     job: Job
@@ -173,69 +215,115 @@ class Done:
     seconds: float
     executor: str
     timings: pd.DataFrame | None = None
+    point: int = 0
+    compile_seconds: float | None = None
+
+    @property
+    def keys(self) -> dict[str, Any]:
+        """The row keys of this point: the job's and the point's own."""
+        return {**self.job.keys, **self.job.points[self.point]}
 
 
 def run_sweep(jobs: Sequence[Job], root: str | pathlib.Path, *, trials: int | Target, seed: int,
               executor: Any = "auto", chunk_size: int = 32, batch_size: int | None = None,
               log: Log = print) -> list[Done]:
-    """Runs every job's campaign with a store under ``root``.
+    """Runs every job's campaign with a store under ``root``: one ``Done`` per job and sweep point.
 
     Every campaign uses the same seed: trial ``i`` starts from the same key at
-    every point, so neighbouring points are positively correlated and curves
-    are smoother than with independent seeds. A finished campaign is read
-    back from its store without computing anything; with a ``Target`` each
-    extension resumes the store, and a re-run takes the same steps (they
-    depend only on the stored trials) without computing anything.
+    every point and in every job, so points and models are paired (common
+    random numbers; compare them with ``jaxfi.stats.paired_interval``).
+    Within a job, every point runs on the same compiled programs and one
+    store. With a ``Target`` the points are scheduled in rounds: each round
+    extends every unfinished point to the trials it asks for (the first
+    round starts at the middle point, where ``executor="auto"`` measures the
+    candidates, and "auto" plans with every point's ``max_trials`` / 4 as
+    its horizon). A re-run takes the same steps (they depend only on the
+    stored trials) without computing anything.
 
     Args:
       jobs: the campaigns.
       root: the directory holding one store per job (at ``root/job.path``).
-      trials: trials per campaign, or a ``Target`` that sizes each one.
+      trials: trials per point, or a ``Target`` that sizes each one.
       seed: the campaigns' seed.
       executor: an executor name or object (``jaxfi.executors``); "auto"
-        decides once per campaign, and its store keeps that choice.
+        decides once per job, and its store keeps that choice.
       chunk_size: trials per stored chunk.
       batch_size: evaluate each trial's inputs this many at a time
         (``jaxfi.Campaign(batch_size=...)``; None: all at once).
-      log: where one progress line per job goes (None: nowhere).
+      log: where one progress line per point goes (None: nowhere).
 
     Returns:
-      One ``Done`` per job, in order.
+      One ``Done`` per job and point, in order.
     """
     done = []
     for i, job in enumerate(jobs, start=1):
-        done.append(_run_job(job, pathlib.Path(root) / job.path, trials, seed, executor, chunk_size,
-                             batch_size))
-        if log is not None:
-            log(f"[{i}/{len(jobs)}] {job.path}: {_brief(done[-1])}")
+        for d in _run_job(job, pathlib.Path(root) / job.path, trials, seed, executor, chunk_size, batch_size):
+            done.append(d)
+            if log is not None:
+                where = job.path if len(job.points) == 1 else f"{job.path} point {d.point}"
+                log(f"[{i}/{len(jobs)}] {where}: {_brief(d)}")
     return done
 
 
 def _run_job(job: Job, path: pathlib.Path, trials: int | Target, seed: int, executor: Any,
-             chunk_size: int, batch_size: int | None = None) -> Done:
+             chunk_size: int, batch_size: int | None = None) -> list[Done]:
     began = time.perf_counter()
     campaign = jaxfi.Campaign(job.subject.apply_fn, job.subject.params, job.subject.images,
                               job.subject.labels, job.plans, seed=seed, outcomes=(logit_deviation,),
                               batch_size=batch_size)
-    stored = len(campaign.load(path)) if (path / "manifest.json").exists() else 0
+    setup = time.perf_counter() - began
+    points = len(job.points)
+    stored = _stored_per_point(campaign, path, points)
     target = trials if isinstance(trials, Target) else None
-    n: int | None = target.min_trials if target is not None else trials
-    names, timings = [], None
-    while n is not None:
-        # The same Campaign object each time: its compiled programs are reused.
-        result = campaign.run(n, executor=executor, chunk_size=chunk_size, store=path, quiet=True)
-        if result.executor and result.executor not in names:
-            names.append(result.executor)
-        if result.timings is not None:
-            timings = result.timings
-        errors = 1.0 - result.table["accuracy"].to_numpy()
-        n = target.next_trials(errors, chunk_size) if target is not None else None
-    computed = max(len(result) - stored, 0)
-    return Done(job, result, computed, time.perf_counter() - began, ",".join(names), timings)
+    if executor == "auto":
+        horizon = points * (max(target.max_trials // 4, target.min_trials) if target is not None else trials)
+        executor = jaxfi.executors.AutoExecutor(horizon=max(horizon, 1))
+    wanted = {p: target.min_trials if target is not None else trials for p in _middle_first(points)}
+    results: dict[int, jaxfi.Result] = {}
+    seconds = dict.fromkeys(range(points), 0.0)
+    seconds[next(iter(wanted))] += setup
+    names: dict[int, list[str]] = {p: [] for p in range(points)}
+    timings = None
+    while wanted:
+        for p in list(wanted):
+            clock = time.perf_counter()
+            # The same Campaign object each time: its compiled programs are reused.
+            result = campaign.run(wanted[p], point=p, executor=executor, chunk_size=chunk_size, store=path,
+                                  quiet=True)
+            seconds[p] += time.perf_counter() - clock
+            if result.executor and result.executor not in names[p]:
+                names[p].append(result.executor)
+            timings = result.timings if result.timings is not None else timings
+            results[p] = result
+            errors = 1.0 - result.table["accuracy"].to_numpy()
+            wanted[p] = (target.next_trials(errors, 1.0 - result.golden.accuracy, chunk_size)
+                         if target is not None else None)
+            if wanted[p] is None:
+                del wanted[p]
+    compiled = [r.compile_seconds for r in results.values() if r.compile_seconds is not None]
+    compile_seconds = max(compiled) + campaign.golden_compile_seconds if compiled else None
+    return [Done(job, results[p], max(len(results[p]) - stored[p], 0), seconds[p], ",".join(names[p]),
+                 timings, p, compile_seconds) for p in range(points)]
+
+
+def _middle_first(points: int) -> list[int]:
+    """Point indices starting from the middle one, then the others in order."""
+    middle = points // 2
+    return [middle] + [p for p in range(points) if p != middle]
+
+
+def _stored_per_point(campaign: jaxfi.Campaign, path: pathlib.Path, points: int) -> dict[int, int]:
+    """Trials already in the store at ``path``, per sweep point."""
+    if not (path / "manifest.json").exists():
+        return dict.fromkeys(range(points), 0)
+    table = campaign.load(path).table
+    column = table["point"] if "point" in table else pd.Series(0, index=table.index)
+    return {p: int((column == p).sum()) for p in range(points)}
 
 
 def _brief(done: Done) -> str:
     errors = 1.0 - done.result.table["accuracy"].to_numpy()
+    golden = 1.0 - done.result.golden.accuracy
     how = f"computed {done.computed} with {done.executor}" if done.computed else "loaded"
-    return (f"{len(errors)} trials, error {errors.mean():.3f} +- {half_width(errors):.3f}, "
+    return (f"{len(errors)} trials, error {errors.mean():.3f} +- {half_width(errors, golden_error=golden):.3f}, "
             f"{how} ({done.seconds:.1f}s)")
