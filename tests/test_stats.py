@@ -245,3 +245,70 @@ def test_converged():
         stats.converged(summary, margin=0)
     with pytest.raises(ValueError, match="count columns"):
         stats.converged(pd.DataFrame({"x": [1]}), margin=0.1)
+
+
+# ------------------------------------------- guarded, paired and clustered intervals
+
+
+def test_a_baseline_turns_a_sample_that_never_moved_into_the_changed_share_bound():
+    flat = np.full(32, 0.05)
+    assert stats.mean_interval(flat)["half_width"] == 0.0  # what a bare t interval says
+    guarded = stats.mean_interval(flat, bounds=(0.0, 1.0), baseline=0.05)
+    upper = 1.0 - 0.05 ** (1 / 32)  # one-sided 95% Clopper-Pearson bound for 0 of 32
+    assert guarded["method"] == "changed-share bound" and guarded["changed"] == 0
+    assert (guarded["lo"], guarded["hi"]) == pytest.approx((0.05 - upper * 0.05, 0.05 + upper * 0.95))
+    moved = np.r_[np.full(20, 0.05), np.linspace(0.1, 0.9, 12)]
+    assert stats.mean_interval(moved, bounds=(0.0, 1.0), baseline=0.05)["method"] == "t"
+    with pytest.raises(ValueError, match="needs bounds"):
+        stats.mean_interval(flat, baseline=0.05)
+    with pytest.raises(ValueError, match="same number of trials"):
+        stats.paired_interval(np.zeros(3), np.zeros(4))
+
+
+def _coverage(draw, interval, truth: float, runs: int) -> float:
+    rng = np.random.default_rng(3)
+    hits = 0
+    for _ in range(runs):
+        lo, hi = interval(*draw(rng))
+        hits += lo <= truth <= hi
+    return hits / runs
+
+
+def _clustered(rng, trials=200, batch=128):
+    """Affected inputs per trial: 5% of trials hit a whole block of 10-100 inputs."""
+    k = np.where(rng.random(trials) < 0.05, rng.integers(10, 101, trials), 0)
+    return k, np.full(trials, batch)
+
+
+CLUSTER_TRUTH = 0.05 * 55 / 128
+
+
+def test_cluster_interval_covers_inputs_pooled_within_trials():
+    """1,000 simulated campaigns, 200 trials x 128 inputs: coverage >= 0.93 at 95% (SE about 0.007)."""
+    coverage = _coverage(_clustered, lambda k, n: stats.cluster_interval(k, n), CLUSTER_TRUTH, 1000)
+    assert coverage >= 0.93, coverage
+
+
+def test_a_binomial_interval_over_pooled_inputs_does_not_cover():
+    """The same campaigns with inputs counted as independent: far too narrow."""
+    coverage = _coverage(_clustered, lambda k, n: stats.wilson(int(k.sum()), int(n.sum())), CLUSTER_TRUTH, 300)
+    assert coverage < 0.7, coverage
+
+
+def _nested(rng, trials=256):
+    """Paired errors with common random numbers: the higher rate's faults contain the lower's."""
+    low = 0.05 + 0.2 * (rng.random(trials) < 0.02)
+    extra = np.where(rng.random(trials) < 0.1, rng.integers(1, 30, trials) / 128, 0)
+    return np.clip(low + extra, 0, 1), low
+
+
+def test_paired_interval_covers_common_random_number_differences():
+    """1,000 simulated pairs of points, 256 paired trials: coverage >= 0.93 at 95%."""
+    sample = _nested(np.random.default_rng(7), 2_000_000)
+    truth = float((sample[0] - sample[1]).mean())
+
+    def interval(a, b):
+        s = stats.paired_interval(a, b)
+        return s["lo"], s["hi"]
+
+    assert _coverage(_nested, interval, truth, 1000) >= 0.93
