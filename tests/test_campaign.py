@@ -248,7 +248,7 @@ def test_table_has_fault_summary_and_raw_records(reference):
 # -------------------------------------------------------------- statistics
 
 
-def test_summary_intervals_are_wilson_on_the_counts(reference):
+def test_summary_intervals_are_wilson_per_trial_and_clustered_per_input(reference):
     s = reference.summary()
     t = reference.table
     k = int(t["sdc"].sum())
@@ -256,7 +256,11 @@ def test_summary_intervals_are_wilson_on_the_counts(reference):
     assert (s.loc["sdc", "lo"], s.loc["sdc", "hi"]) == pytest.approx(stats.wilson(k, 70), abs=0)
     k_in = int(t["sdc_inputs"].sum())
     assert s.loc["sdc_inputs", "n"] == 70 * 32
-    assert (s.loc["sdc_inputs", "lo"], s.loc["sdc_inputs", "hi"]) == stats.wilson(k_in, 70 * 32)
+    # Inputs of a trial share its faults: the trial is the cluster, so the
+    # interval is cluster_interval's, wider than a binomial one over inputs.
+    clustered = stats.cluster_interval(t["sdc_inputs"], np.full(70, 32))
+    assert (s.loc["sdc_inputs", "lo"], s.loc["sdc_inputs", "hi"]) == clustered
+    assert clustered[1] - clustered[0] > np.subtract(*stats.wilson(k_in, 70 * 32)[::-1])
     correct = reference.golden.n_correct
     assert correct == 24 and s.loc["sdc_correct_inputs", "n"] == 70 * correct
     assert "big_change" in s.index  # a boolean custom outcome is a per-trial rate
