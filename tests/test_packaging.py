@@ -1,9 +1,11 @@
-"""The slim core: ``import jaxfi`` works without the extras, and a missing extra is named."""
+"""The slim core: ``import jaxfi`` works without the extras, and a missing extra is named; the distribution name."""
 
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -79,3 +81,18 @@ def test_a_missing_extra_is_named():
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["ok"]
+
+
+def test_the_distribution_name_is_ours_everywhere():
+    """``jaxfi`` on the package index is another project: pyproject, its extras and the docs use our name."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    name = project["name"]
+    assert name == "jax-fault-injection"
+    for extra, requirements in project["optional-dependencies"].items():
+        for requirement in requirements:
+            if "[" in requirement:  # an extra that pulls in other extras names this distribution
+                assert requirement.split("[")[0] == name, (extra, requirement)
+    for page in (REPO / "README.md", REPO / "docs" / "index.md"):
+        text = page.read_text()
+        assert f"pip install {name}" in text, page
+        assert not re.search(r"pip install '?jaxfi\b", text), page

@@ -106,7 +106,7 @@ def run(defined: Flags, argv: list[str]) -> None:
     """Trains both models, sweeps the rates for the four variants and writes CSV, PNG and JSON."""
     study_flags.check_no_arguments(argv)
     start = time.perf_counter()
-    workdir = pathlib.Path(defined.workdir.value)
+    workdir = pathlib.Path(study_flags.user_path(defined.workdir.value))
     workdir.mkdir(parents=True, exist_ok=True)
     config = _config(defined)
     train_data, test_data = _datasets(config)

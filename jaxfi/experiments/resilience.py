@@ -132,8 +132,9 @@ def run(defined: Flags, argv: list[str]) -> None:
     common = defined.common
     points = _points(defined)
     began = time.perf_counter()
-    workdir, subjects = common.load(dataset=defined.dataset.value, data_dir=defined.data_dir.value,
-                                    weights=defined.weights.value)
+    workdir, subjects = common.load(dataset=defined.dataset.value,
+                                    data_dir=study_flags.user_path(defined.data_dir.value),
+                                    weights=study_flags.user_path(defined.weights.value))
     jobs = [study.Job(s, study.plans_for(s, p, defined.batch_stats.value), f"{s.label}/{p.label}",
                       {"model": s.label, "site": p.site, "mode": p.mode, "rate": p.rate, "count": p.count})
             for s in subjects for p in points]

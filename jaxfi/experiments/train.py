@@ -65,8 +65,8 @@ def run(defined: Flags, argv: list[str]) -> None:
     study_flags.check_no_arguments(argv)
     try:
         _, _, meta = training.train_or_load(
-            defined.model.value, defined.workdir.value, defined.dataset.value,
-            data_dir=defined.data_dir.value, epochs=defined.epochs.value,
+            defined.model.value, study_flags.user_path(defined.workdir.value), defined.dataset.value,
+            data_dir=study_flags.user_path(defined.data_dir.value), epochs=defined.epochs.value,
             batch_size=defined.batch_size.value, learning_rate=defined.learning_rate.value,
             optimizer=defined.optimizer.value, weight_decay=defined.weight_decay.value,
             seed=defined.seed.value, overwrite=defined.overwrite.value)
@@ -74,7 +74,7 @@ def run(defined: Flags, argv: list[str]) -> None:
         sys.exit(f"error: {err}")
     metrics = meta["metrics"]
     print(json.dumps({
-        "checkpoint": f"{defined.workdir.value}/{defined.model.value}.msgpack",
+        "checkpoint": f"{study_flags.user_path(defined.workdir.value)}/{defined.model.value}.msgpack",
         "config": meta["config"],
         "test_accuracy": metrics["final_test_accuracy"],
         "train_seconds": round(metrics["train_seconds"], 1),

@@ -187,7 +187,7 @@ def run(defined: Flags, argv: list[str]) -> None:
     """Runs the study with the parsed flags (see the module docstring)."""
     study_flags.check_no_arguments(argv)
     began = time.perf_counter()
-    workdir = pathlib.Path(defined.workdir.value)
+    workdir = pathlib.Path(study_flags.user_path(defined.workdir.value))
     workdir.mkdir(parents=True, exist_ok=True)
     thresholds = jaxfi.TrainingThresholds(defined.window.value, defined.tolerance.value, defined.deviation.value)
     tables, curves, goldens, timings = [], {}, {}, {}

@@ -94,7 +94,7 @@ def run(defined: Flags, argv: list[str]) -> None:
     study_flags.check_no_arguments(argv)
     began = time.perf_counter()
     dtypes = study_flags.check_choices(defined.dtypes.value, _DTYPES, "dtype")
-    workdir = pathlib.Path(defined.workdir.value)
+    workdir = pathlib.Path(study_flags.user_path(defined.workdir.value))
     config = tf.Config(length=defined.length.value, layers=defined.layers.value)
     params, metrics = _trained(config, workdir, defined.steps.value, defined.seed.value)
     tokens, targets = tf.sorting_task(defined.eval_size.value, config, seed=2**31 + defined.seed.value)

@@ -8,6 +8,7 @@ script's name in ``--help``. Needs absl-py (the ``experiments`` extra).
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
@@ -196,12 +197,12 @@ class CommonFlags:
           The workdir and the subjects. Exits on a bad model or weights file.
         """
         distributed.initialize_from_flags()
-        workdir = pathlib.Path(self.workdir.value)
+        workdir = pathlib.Path(user_path(self.workdir.value))
         workdir.mkdir(parents=True, exist_ok=True)
         lead = jax.process_index() == 0
         try:
             if self.compilation_cache.value != "none":
-                executors.cache_compilation(self.compilation_cache.value or workdir / "compilation_cache")
+                executors.cache_compilation(user_path(self.compilation_cache.value) or workdir / "compilation_cache")
             subjects = self._subjects(workdir, lead, **options) if lead else None
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("jaxfi.study: models ready")
@@ -219,6 +220,11 @@ class CommonFlags:
         return run_sweep(jobs, root, trials=trials, seed=self.seed.value, executor=self.executor.value,
                          chunk_size=self.chunk_size.value, batch_size=self.batch_size.value,
                          log=print if jax.process_index() == 0 else None)
+
+
+def user_path(value: str | None) -> str | None:
+    """A path flag's value with a leading ``~`` expanded: bash leaves ``--flag=~/x`` as it is."""
+    return os.path.expanduser(value) if value else value
 
 
 def define_common_flags(*, eval_size: int, chunk_size: int, executor: str = "loop",
