@@ -5,7 +5,10 @@ A campaign's store is keyed by these, never by a function's name:
 * ``program``: the jaxpr of ``apply_fn`` traced on the campaign's params and
   inputs (its text, which JAX prints without object addresses, plus the bytes
   of its constants). Two models bound the same way, two lambdas, or a function
-  edited between runs differ here as soon as they compute differently.
+  edited between runs differ here as soon as they compute differently. The
+  text is printed without colour (``jaxpr_text``): JAX colours a jaxpr's
+  ``str`` when stdout is a terminal, and a campaign is the same campaign
+  whether its output goes to a terminal, a file or a pipe.
 * ``fault_program``: a fault model's ``apply_raw`` (and ``combine`` for
   bit-granular models) traced on each site format, so a ``Custom`` function
   is identified by what it computes, closures and helpers included.
@@ -54,13 +57,65 @@ def program(fn: Callable[..., Any], *args: Any) -> dict[str, str]:
       constants, and its primitives with their counts (readable).
     """
     closed = jax.make_jaxpr(fn)(*args)
-    text = str(closed)
+    text = jaxpr_text(closed)
     digest = hashlib.sha256(text.encode())
     for const in closed.consts:
         _update_array(digest, np.asarray(const))
     counts = collections.Counter(_PRIMITIVE.findall(text))
     return {"sha256": digest.hexdigest(),
             "equations": ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))}
+
+
+def jaxpr_text(closed: Any) -> str:
+    """A closed jaxpr printed as plain text, the same in every environment.
+
+    ``str(jaxpr)`` adds ANSI colour codes when JAX decides it may colour
+    (``jax_pprint_use_color``, on by default, and a stdout that is a
+    terminal, a notebook or Colab, checked once when JAX is imported). Asked
+    for without colour, the text equals ``str`` with output redirected,
+    which keeps the fingerprints of stores written that way.
+
+    Args:
+      closed: a ``ClosedJaxpr`` (from ``jax.make_jaxpr``).
+
+    Returns:
+      The text.
+    """
+    return closed.pretty_print(use_color=False)
+
+
+def colour_hint(stored: Any) -> str:
+    """Why a stored config may differ from this campaign's: an empty hint
+    unless the stored one holds a program fingerprint made from coloured text.
+
+    Before fingerprints printed jaxprs without colour, a campaign started
+    with stdout on a terminal hashed ANSI colour codes, which left its
+    equation summary empty; such a store cannot be told apart from another
+    campaign's, so it is refused, with this hint.
+
+    Args:
+      stored: a stored config (any JSON value).
+
+    Returns:
+      The hint (empty if none applies).
+    """
+    if not _coloured(stored):
+        return ""
+    return (" The stored program fingerprint has an empty equation summary: the store was probably written by "
+            "a jaxfi that hashed the jaxpr as JAX printed it, in colour when stdout was a terminal, so the "
+            "same campaign run with output redirected (or from another terminal setting) got another identity. "
+            "Fingerprints no longer depend on the terminal. To resume that store, finish it with the jaxfi "
+            "that wrote it, from a terminal; otherwise move it aside and run again into a new path (its "
+            "trials are recomputed, bit for bit the same).")
+
+
+def _coloured(stored: Any) -> bool:
+    """Whether a program fingerprint in ``stored`` has a hash and an empty equation summary."""
+    if isinstance(stored, dict):
+        if set(stored) == {"sha256", "equations"} and stored["equations"] == "":
+            return True
+        return any(_coloured(v) for v in stored.values())
+    return isinstance(stored, list) and any(_coloured(v) for v in stored)
 
 
 def fault_program(fault: Any, formats: Iterable[Format]) -> str:

@@ -52,6 +52,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import pandas as pd
 
+from jaxfi._src import identity
+
 FORMAT = "jaxfi-store-2"  # 2: chunks carry their campaign
 _CHUNK_NAME = re.compile(r"^(\d{12})-(\d{12})\.npz$")
 _COLUMN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
@@ -339,7 +341,7 @@ class Store:
             raise ValueError(
                 f"store {self.path} was created with a different config; differing "
                 f"keys (stored -> given): {'; '.join(diffs)}. Use a new path, or the "
-                "stored config to resume.")
+                f"stored config to resume.{identity.colour_hint(old)}")
 
     @property
     def _tag(self) -> str:
