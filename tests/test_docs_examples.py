@@ -38,7 +38,8 @@ SMALL: dict[str, list[tuple[str, str]]] = {
         ('trials=2000, executor="auto", chunk_size=500', 'trials=200, executor="auto", chunk_size=50'),
         ('trials=200, executor="loop", quiet=True', 'trials=16, executor="loop", quiet=True'),
     ],
-    "docs/sites.md": [("num_examples=256", "num_examples=16")],
+    "docs/sites.md": [("num_examples=256", "num_examples=16"),
+                      ("jax.random.split(jax.random.key(1), 1000)", "jax.random.split(jax.random.key(1), 10)")],
     "docs/control_flow.md": [
         ("tf.Config()", "tf.Config(layers=2, dim=16, heads=2, mlp=32)"),
         ("tf.train(config, steps=300)", "tf.init(config), {}"),
