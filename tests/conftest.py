@@ -1,12 +1,41 @@
-"""Shared fixtures: the embedded data, models trained once per session, and a toy MLP."""
+"""Shared fixtures: the embedded data, models trained once per session, and a toy MLP.
+
+The session keeps one JAX persistent compilation cache, shared with every
+process the tests start (through ``JAX_COMPILATION_CACHE_DIR``, which child
+processes inherit): a program compiled once, here or in a child, is loaded
+from disk wherever it is needed again. A loaded program is the same
+executable, so it computes the same bits.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import pytest
+
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Points this process and its children at one compilation cache for the session.
+
+    A cache named by the environment is used as it is (and kept); otherwise a
+    fresh directory is made and removed when the session ends.
+    """
+    if CACHE_ENV not in os.environ:
+        path = tempfile.mkdtemp(prefix="jaxfi-tests-compilation-cache-")
+        os.environ[CACHE_ENV] = path
+        config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
+    # Every program: most of the tests' programs compile in well under JAX's default 1 s.
+    os.environ.setdefault(MIN_COMPILE_ENV, "0")
+    jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ[MIN_COMPILE_ENV]))
 
 
 class Toy(NamedTuple):

@@ -194,14 +194,17 @@ def test_grouped_draws_the_loop_faults_and_agrees_on_verdicts(reference, grouped
     assert grouped.table["program"].nunique() >= 3  # w1, b1 and w2 each have a program
 
 
-def test_trials_without_a_fault_are_identical_to_their_programs_golden(campaign):
-    """Masked means bit-identical: a trial whose plan draws nothing equals the
-    golden run of the program that computed it, whatever the executor."""
-    empty = jaxfi.Campaign(campaign.apply_fn, campaign.params, campaign.inputs, campaign.labels,
-                           jaxfi.Plan(jaxfi.Params(), jaxfi.BitFlip(), count=0), seed=1)
-    for executor in ("grouped", "loop"):
-        t = empty.run(trials=5, executor=executor, quiet=True).table
-        assert t["identical"].all() and (t["max_abs_dev"] == 0).all() and t["masked"].all()
+def test_trials_without_a_fault_are_identical_to_their_programs_golden(reference, grouped):
+    """Masked means bit-identical: a trial whose plan draws nothing equals the golden run of
+    the program that computed it, whatever the executor; trials with a fault do not (all 55
+    of them with the loop: no flip in this tanh MLP is absorbed by rounding)."""
+    for result in (reference, grouped):
+        t = result.table
+        quiet = t["faults"] == 0
+        assert quiet.sum() == 15, result.executor
+        assert t.loc[quiet, "identical"].all() and (t.loc[quiet, "max_abs_dev"] == 0).all()
+        assert t.loc[quiet, "masked"].all()
+        assert (~t.loc[~quiet, "identical"]).mean() > 0.9, result.executor
 
 
 def test_auto_decides_once_and_a_store_keeps_its_executor(campaign, grouped, tmp_path):

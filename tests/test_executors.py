@@ -113,13 +113,18 @@ def test_grouped_draws_the_reference_faults_and_stays_close(reference, grouped):
 
 
 def test_trial_without_a_fault_equals_its_programs_golden(trials):
-    plan = jaxfi.Plan(jaxfi.Params(), jaxfi.BitFlip(), count=0)
-    quiet = ex.Trials(trial_function(jaxfi.faulty(cnn, plan)), trials.base_key, trials.params,
-                      trials.inputs, cnn, (plan,))
-    runner = ex.GroupedExecutor(4).build(quiet, 8, jax.local_devices())
-    out = runner(0, 8)
-    for row, program in zip(out.output, out.program):
-        assert row.tobytes() == runner.golden(int(program)).tobytes()
+    """Exponent flips in the convolution (every path from it to the output is live) at a rate where
+    about half the trials draw none: those equal the golden run of the program that computed them
+    bit for bit, and every trial with a fault differs from it."""
+    plan = jaxfi.Plan(jaxfi.Params("conv"), jaxfi.BitFlip(bits="exponent"), ber=2.5e-3)
+    sparse = ex.Trials(trial_function(jaxfi.faulty(cnn, plan)), trials.base_key, trials.params,
+                       trials.inputs, cnn, (plan,))
+    runner = ex.GroupedExecutor(4).build(sparse, 8, jax.local_devices())
+    out = ex.Computed(*jax.tree.map(lambda *xs: np.concatenate(xs), runner(0, 8), runner(8, 16)))
+    faulted = out.records[0].valid.any(axis=1)
+    assert 4 <= faulted.sum() <= 12
+    for row, program, hit in zip(out.output, out.program, faulted):
+        assert (row.tobytes() == runner.golden(int(program)).tobytes()) != hit
 
 
 def test_grouped_evaluates_faulted_layers_incrementally(trials):

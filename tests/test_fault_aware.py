@@ -154,12 +154,18 @@ def test_train_without_plans_is_bitwise_a_plain_optax_loop(model, optimizer):
 
 
 def test_train_with_faults_reports_them():
+    """Faults change the trained weights (against the same run without plans), every step reports
+    its three faults, and the reported test accuracy is that of the returned weights."""
     subset = data.eval_subset(data.load("mnist5k", "train"), 256)
     model = models.get_model("mlp", hidden=(32,))
     plans = [jaxfi.Plan(jaxfi.Params("kernel"), count=2), jaxfi.Plan(jaxfi.Inputs("arg1/0"), count=1)]
-    _, metrics = training.train(model, subset, subset, plans=plans, epochs=1, batch_size=64,
-                                learning_rate=1e-3, log=None)
-    assert metrics["faults_per_step"] == [3.0] and metrics["final_test_accuracy"] > 0.1
+    settings = dict(epochs=1, batch_size=64, learning_rate=1e-3, log=None)
+    got, metrics = training.train(model, subset, subset, plans=plans, **settings)
+    plain, _ = training.train(model, subset, subset, **settings)
+    assert metrics["faults_per_step"] == [3.0]
+    assert not same_bits(got, plain)
+    predictions = np.argmax(np.asarray(model.apply(got, subset.images, train=False)), axis=-1)
+    assert metrics["final_test_accuracy"] == np.mean(predictions == subset.labels)
 
 
 # ----------------------------------------------------------------------------- range restriction
@@ -237,12 +243,26 @@ def test_restrict_rejects_bad_bounds_and_unknown_sites():
 
 
 def test_experiment_smoke(tmp_path):
+    """The quick experiment: faults land at the stated rates in training and in the sweep (the
+    same trials in every variant), they raise the error, and range restriction lowers it."""
     cmd = [sys.executable, str(REPO / "experiments" / "fault_aware.py"), f"--workdir={tmp_path}",
            "--quick", "--model=mlp", "--rates=1e-4", "--trials=2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    table = pd.read_csv(tmp_path / "fault_aware.csv")
+    table = pd.read_csv(tmp_path / "fault_aware.csv").set_index("variant")
     assert len(table) == 4 and table["error"].between(0, 1).all()
     assert (table["lo"] <= table["error"]).all() and (table["error"] <= table["hi"]).all()
+    bits = 32 * 235_146  # the MLP's weights
+    # Poisson counts, fixed seed: 2 trials at 1e-4 (sd 19 for the mean), a 16-step epoch at 1e-5 (sd 2.2).
+    assert table["faults_per_trial"].nunique() == 1 and abs(table["faults_per_trial"].iloc[0] - 1e-4 * bits) < 100
+    normal = table.loc["normal"]
+    assert normal["golden_error"] < 0.5 and normal["error"] > normal["golden_error"] + 0.3
+    assert table.loc["normal + range restriction", "error"] < normal["error"]
+    for variant, row in table[table["reference"].notna()].iterrows():
+        assert row["diff"] == pytest.approx(row["error"] - table.loc[row["reference"], "error"]), variant
     assert (tmp_path / "fault_aware.png").stat().st_size > 10_000
-    assert json.loads((tmp_path / "fault_aware.json").read_text())["quick"] is True
+    meta = json.loads((tmp_path / "fault_aware.json").read_text())
+    assert meta["quick"] is True
+    steps = meta["results"]["training"]
+    assert steps["normal"]["faults_per_step"] == [0.0]
+    assert abs(steps["fault-aware"]["faults_per_step"][0] - 1e-5 * bits) < 11

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from jaxfi import models, study
+from jaxfi._src import identity
 from jaxfi.models import convert
 from jaxfi.study import subjects as subjects_lib
 
@@ -109,3 +110,13 @@ def test_imagenet_command_runs_alexnet_on_synthetic_data_in_microbatches(tmp_pat
     assert meta["models"]["alexnet"]["parameters"] == ALEXNET_PARAMS
     manifests = list((tmp_path / "campaigns").rglob("manifest.json"))
     assert len(manifests) == 1 and '"batch_size": 1' in manifests[0].read_text()
+    # The campaign's weights, images and labels are this test's own: the state dict converted
+    # here, the seed-0 synthetic images, and their classes from one forward pass of both images
+    # (the script labelled them one at a time).
+    model = models.AlexNet()
+    variables = convert.from_torchvision(model, state)
+    images = subjects_lib.synthetic_images(2, seed=0).images
+    labels = np.argmax(np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables, images)), -1)
+    campaign_data = json.loads(manifests[0].read_text())["config"]["data"]
+    for name, value in (("params", variables), ("inputs", images), ("labels", labels.astype(np.int32))):
+        assert campaign_data[name]["sha256"] == identity.arrays(value)["sha256"], name

@@ -116,10 +116,22 @@ def test_binomial_count_mean_and_variance_for_a_billion_bits():
 
 
 def test_rate_zero_and_tiny_rate():
-    plan = jaxfi.Plan(jaxfi.Params("dense"), ber=0.0)
-    faulty, rec = jit_inject(jax.random.key(0), PARAMS, plan)
-    assert int(rec.count) == 0
-    np.testing.assert_array_equal(faulty["dense"]["kernel"], PARAMS["dense"]["kernel"])
+    """ber=0 never flips a bit. ber=1e-6 over dense's 19,840 bits flips each independently:
+    20,000 trials draw Binomial(20,000 x 19,840, 1e-6) faults in all (mean 396.8, sd 19.9),
+    few trials draw two (Poisson: about 4), and every drawn flip lands in the values."""
+    zero = jaxfi.Plan(jaxfi.Params("dense"), ber=0.0)
+    faulty, rec = vmap_inject(jax.random.split(jax.random.key(0), 64), PARAMS, zero)
+    assert int(np.asarray(rec.count).max()) == 0
+    np.testing.assert_array_equal(faulty["dense"]["kernel"], np.broadcast_to(PARAMS["dense"]["kernel"], (64, 30, 20)))
+    tiny = jaxfi.Plan(jaxfi.Params("dense"), ber=1e-6)
+    faulty, rec = vmap_inject(jax.random.split(jax.random.key(6), 20000), PARAMS, tiny)
+    counts = np.asarray(rec.count)
+    assert abs(counts.sum() - 396.8) < 4 * 19.9  # fixed seed; 4 sd
+    assert 1 <= (counts >= 2).sum() <= 15
+    hit = np.flatnonzero(counts)
+    flipped = sum(np.bitwise_count(_raw(faulty["dense"][leaf][hit]).reshape(len(hit), -1)
+                                   ^ _raw(PARAMS["dense"][leaf])).sum(axis=1) for leaf in ("kernel", "bias"))
+    np.testing.assert_array_equal(flipped, counts[hit])
 
 
 def test_value_rate_hits_values_and_counts():

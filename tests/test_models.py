@@ -57,12 +57,92 @@ def small_variables():
     }
 
 
+def _np_conv(x: np.ndarray, kernel: np.ndarray, stride: int = 1, pad: int = 0) -> np.ndarray:
+    """A float64 NHWC x HWIO convolution with symmetric zero padding, from its definition."""
+    x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    kh, kw = kernel.shape[:2]
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]
+    return np.einsum("nhwcij,ijco->nhwo", windows, kernel)
+
+
+def _np_pool(x: np.ndarray) -> np.ndarray:
+    """2x2 max pooling with stride 2 (even sizes)."""
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _np_bn(x: np.ndarray, params: dict, stats: dict) -> np.ndarray:
+    """BatchNorm in inference mode, epsilon 1e-5."""
+    return (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * params["scale"] + params["bias"]
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+def _np_dense(x: np.ndarray, params: dict) -> np.ndarray:
+    return x @ params["kernel"] + params["bias"]
+
+
+def _np_mlp(v: dict, x: np.ndarray) -> np.ndarray:
+    p = v["params"]
+    h = _relu(_np_dense(_relu(_np_dense(x.reshape(len(x), -1), p["fc1"])), p["fc2"]))
+    return _np_dense(h, p["fc3"])
+
+
+def _np_lenet5(v: dict, x: np.ndarray) -> np.ndarray:
+    p = v["params"]
+    h = _np_pool(_relu(_np_conv(x, p["conv1"]["kernel"], pad=2) + p["conv1"]["bias"]))
+    h = _np_pool(_relu(_np_conv(h, p["conv2"]["kernel"]) + p["conv2"]["bias"]))
+    h = _relu(_np_dense(h.reshape(len(h), -1), p["fc1"]))
+    return _np_dense(_relu(_np_dense(h, p["fc2"])), p["fc3"])
+
+
+def _np_resnet8(v: dict, x: np.ndarray) -> np.ndarray:
+    p, s = v["params"], v["batch_stats"]
+    h = _relu(_np_bn(_np_conv(x, p["conv1"]["kernel"], pad=1), p["bn1"], s["bn1"]))
+    for name, stride in (("layer1_0", 1), ("layer2_0", 2), ("layer3_0", 2)):
+        bp, bs = p[name], s[name]
+        y = _relu(_np_bn(_np_conv(h, bp["conv1"]["kernel"], stride, 1), bp["bn1"], bs["bn1"]))
+        y = _np_bn(_np_conv(y, bp["conv2"]["kernel"], pad=1), bp["bn2"], bs["bn2"])
+        if "downsample_conv" in bp:
+            h = _np_bn(_np_conv(h, bp["downsample_conv"]["kernel"], stride), bp["downsample_bn"], bs["downsample_bn"])
+        h = _relu(y + h)
+    return _np_dense(h.mean(axis=(1, 2)), p["fc"])
+
+
+NUMPY_MODELS = {"mlp": _np_mlp, "lenet5": _np_lenet5, "resnet8": _np_resnet8}
+
+
+def _randomized(variables: dict, seed: int = 0) -> dict:
+    """``variables`` with BatchNorm scales, biases and running statistics drawn away from their
+    identity init (so that the reference checks them), as float32."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        key = jax.tree_util.keystr(path)
+        if "'var'" in key or "'scale'" in key:
+            return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+        if "'mean'" in key or "bn" in key:
+            return rng.normal(0.0, 0.5, leaf.shape).astype(np.float32)
+        return np.asarray(leaf)
+
+    return jax.tree_util.tree_map_with_path(draw, variables)
+
+
 @pytest.mark.parametrize("name", ["mlp", "lenet5", "resnet8"])
 def test_small_model_forward_on_mnist_shape(small_variables, name):
-    apply_fn, params = models.bind_inference(models.get_model(name), small_variables[name])
-    logits = jax.jit(apply_fn)(params, jax.random.normal(jax.random.key(1), (3, 28, 28, 1)))
+    """Ten logits per 28x28x1 image, equal (to float32 rounding) to the architecture written
+    out in float64 numpy: layers, padding, strides, pooling, BatchNorm statistics, shortcuts."""
+    variables = _randomized(small_variables[name])
+    apply_fn, params = models.bind_inference(models.get_model(name), variables)
+    x = np.asarray(jax.random.normal(jax.random.key(1), (3, 28, 28, 1)))
+    logits = np.asarray(jax.jit(apply_fn)(params, x))
     assert logits.shape == (3, 10)
-    assert bool(jnp.all(jnp.isfinite(logits)))
+    expected = NUMPY_MODELS[name](jax.tree.map(lambda a: np.asarray(a, np.float64), variables), x.astype(np.float64))
+    scale = np.abs(expected).max()
+    assert scale > 0.1
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * scale)
 
 
 def test_bind_inference_is_apply_in_inference_mode(small_variables):

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -127,10 +128,8 @@ def test_quantized_subject_reports_both_accuracies(tiny):
     assert q.info["source"] == "int8 quantization of random"
 
 
-def test_quantized_script_writes_both_sweeps(tmp_path):
-    from jaxfi import training
-
-    training.train_or_load("mlp", tmp_path / "models", epochs=1, log=None)
+def test_quantized_script_writes_both_sweeps(trained_workdir, tmp_path):
+    shutil.copytree(trained_workdir / "models", tmp_path / "models")  # the session's mlp, one epoch
     command = [sys.executable, str(REPO / "experiments" / "quantized.py"), f"--workdir={tmp_path}",
                "--models=mlp", "--trials_per_bit=3", "--rates=1e-2", "--trials=4", "--max_trials=4",
                "--eval_size=16", "--executor=loop", "--epochs=1"]

@@ -1,6 +1,8 @@
 """Tests for faults during training: site names, a backward fault against the hand-derived
 gradient, campaigns against independent runs, the store, outcome classes and the detector."""
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,27 +133,113 @@ def test_bad_campaign_arguments(toy):
 # ----------------------------------------------------------------------------- campaigns
 
 
-def check_against_independent(c, result, indices):
-    golden_final = jax.tree.map(lambda x: x[-1], result.golden.states)
-    # The loop executor gives the map executor's bits.
+class Reference(NamedTuple):
+    """A training run computed by the test's own loop: fault step, curves, final metric and state."""
+
+    fault_step: int
+    losses: np.ndarray
+    grad_norms: np.ndarray
+    metric: np.ndarray
+    final: Any
+    records: tuple
+
+
+def reference_step(loss_fn, tx, plans):
+    """A jitted ``jaxfi.train_step`` written here, not the campaign's: the plain loss and
+    gradients, or ``jaxfi.faulty_value_and_grad`` of the activations ``plans`` (``live`` decides)."""
+    hooked = jaxfi.faulty_value_and_grad(loss_fn, *plans) if plans else None
+
+    @jax.jit
+    def step(state, batch, keys, live):
+        def value_and_grad(params, batch, model_state):
+            if hooked is None:
+                (loss, grads), records = jax.value_and_grad(loss_fn)(params, batch), ()
+            else:
+                (loss, grads), records = hooked(keys, params, batch, live=live)
+            return (loss, model_state), grads, records
+
+        out = jaxfi.train_step(value_and_grad, tx, *state, (), batch, skip_non_finite=False)
+        return (out.params, out.opt_state), out.loss, optax.tree.norm(out.grads), out.records
+
+    return step
+
+
+def with_recorded_faults(state, names, arrays, prefix):
+    """``state`` (params, adam state) with each valid fault that ``arrays`` (a result's
+    columns of one trial) record under ``prefix`` (``p0_``) written in; ``names`` are the
+    plan's site names. The value a fault names must hold the record's ``before`` bits."""
+    params, (adam, *rest) = state
+    trees = {"weights": params, "mu": adam.mu, "nu": adam.nu}
+    trees = {k: {leaf: np.asarray(v).copy() for leaf, v in t.items()} for k, t in trees.items()}
+    valid = arrays[prefix + "valid"]
+    for site, index, before, after in zip(*(arrays[prefix + f][valid] for f in ("site", "index", "before", "after"))):
+        kind, *path = names[int(site)].split("/")
+        flat = trees[path[0] if kind == "optimizer" else kind][path[-1]].reshape(-1).view(np.uint32)
+        assert flat[index] == before, names[int(site)]
+        flat[index] = after
+    adam = adam._replace(mu=trees["mu"], nu=trees["nu"])
+    return jax.tree.map(jnp.asarray, (trees["weights"], (adam, *rest)))
+
+
+def reference_run(c, loss_fn, tx, metric_fn, index, arrays=None):
+    """Trial ``index`` as a whole training run of the test's own jitted steps from step 0,
+    stopped (NaN after) at a non-finite loss, as the campaign documents its curves.
+
+    Weights/optimizer faults are the campaign's records written into the state at
+    the fault step; activations faults are drawn by ``faulty_value_and_grad`` from
+    the documented keys (trial key ``fold_in(key(seed), index)``, its fault key
+    ``fold_in(trial, 1)``, plan ``j``'s key ``fold_in(fault key, j)``).
+    ``arrays`` are the result's columns of this trial. A negative ``index`` is the
+    fault-free run. Returns a ``Reference``.
+    """
+    act = [j for j, p in enumerate(c.plans) if p.kind == "activations"]
+    step = reference_step(loss_fn, tx, [c.plans[j] for j in act])
+    trial = jax.random.fold_in(jax.random.key(c.seed), max(index, 0))
+    s = int(jax.random.randint(jax.random.fold_in(trial, 0), (), *c.fault_steps)) if index >= 0 else -1
+    keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(trial, 1), j) for j in act or [0]])
+    state, losses, norms = (c.params, c.opt_state), np.full(c.steps, np.nan, np.float32), np.full(c.steps, np.nan)
+    records = ()
+    for t in range(c.steps):
+        for j in (j for j, p in enumerate(c.plans) if p.kind == "params" and t == s):
+            state = with_recorded_faults(state, c.sites[j], arrays, f"p{j}_")
+        batch = jax.tree.map(lambda b, t=t: b[t], c.batches)
+        state, loss, norm, out = step(state, batch, keys, np.bool_(t == s))
+        losses[t], norms[t], records = loss, norm, out if t == s else records
+        if not np.isfinite(loss):
+            break
+    return Reference(s, losses, norms, np.float32(metric_fn(state[0])), jax.device_get(state),
+                     jax.device_get(records))
+
+
+def check_against_independent(c, result, indices, loss_fn=mlp_loss, tx=None, metric_fn=None):
+    """Trials ``indices`` of ``result`` against the test's own training runs: loss curves bit for
+    bit, gradient norms and final metric to float rounding, fault steps, activations faults'
+    records, whether the final state is the golden one, and outcome classes; and the loop
+    executor gives ``result``'s bits."""
+    tx = tx or optax.adam(0.05)
+    metric_fn = metric_fn or c.metric_fn
     loop = c.run_trials(list(indices), executor="loop")
     for name, column in jaxfi._src.train_faults._columns(loop).items():
         np.testing.assert_array_equal(column, result.arrays[name][list(indices)], err_msg=name)
-    for i in indices:
-        losses, norms, final, records = c.independent(i)
-        stop = result.arrays["stopped"][i]
-        upto = c.steps if stop < 0 else stop + 1
-        np.testing.assert_array_equal(result.losses[i, :upto].view(np.uint32), losses[:upto].view(np.uint32))
-        np.testing.assert_array_equal(result.arrays["grad_norms"][i, :upto], norms[:upto])
-        if upto < c.steps:  # stopped: failed (all NaN after) or rejoined golden (golden after)
-            tail = result.losses[i, upto:]
-            assert np.all(np.isnan(tail)) or np.array_equal(tail, result.golden.losses[upto:])
-            if not np.all(np.isnan(tail)):
-                np.testing.assert_array_equal(tail, losses[upto:])
-        assert bool(result.arrays["identical"][i]) == jaxfi._src.trial.same_bits(final, golden_final)
-        for j, rec in enumerate(records):
+    golden = reference_run(c, loss_fn, tx, metric_fn, -1)
+    np.testing.assert_array_equal(golden.losses.view(np.uint32), result.golden.losses.view(np.uint32))
+    runs = [reference_run(c, loss_fn, tx, metric_fn, i, {k: v[i] for k, v in result.arrays.items()})
+            for i in indices]
+    for i, run in zip(indices, runs):
+        assert run.fault_step == result.arrays["fault_step"][i], i
+        act = [j for j, p in enumerate(c.plans) if p.kind == "activations"]
+        for j, rec in zip(act, run.records):
             for field in jaxfi.Record._fields:
-                np.testing.assert_array_equal(result.arrays[f"p{j}_{field}"][i], np.asarray(getattr(rec, field)))
+                np.testing.assert_array_equal(getattr(rec, field), result.arrays[f"p{j}_{field}"][i], err_msg=field)
+        np.testing.assert_array_equal(run.losses.view(np.uint32), result.losses[i].view(np.uint32), err_msg=str(i))
+        np.testing.assert_allclose(run.grad_norms, result.arrays["grad_norms"][i], rtol=1e-6, err_msg=str(i))
+        np.testing.assert_allclose(run.metric, result.arrays["metric"][i], rtol=1e-6, err_msg=str(i))
+        assert bool(result.arrays["identical"][i]) == jaxfi.executors.same_bits(run.final, golden.final), i
+    ref = np.stack([run.losses for run in runs])
+    expected = jaxfi.classify_training(ref, golden.losses, np.array([run.metric for run in runs]), golden.metric,
+                                       result.arrays["identical"][list(indices)],
+                                       result.arrays["fault_step"][list(indices)])
+    assert list(result.outcomes()[list(indices)]) == list(expected)
 
 
 @pytest.fixture(scope="module")
@@ -171,23 +259,27 @@ def test_vectorized_trials_equal_independent_runs(activation_campaign):
     assert all(name.startswith("forward/hidden/") for name in result.sites[1])
     check_against_independent(c, result, range(6))
     table = result.table()
-    assert set(table["outcome"]) <= set(["masked", "immediate_inf_nan", "slow_degrade", "recovered"])
     assert all(s.startswith("backward/out/") for s in table["site"])
-    assert np.all((table["bit"] >= 0) & (table["bit"] < 32)) and np.all(table["faults"] == 1)
+    mask = result.arrays["p0_mask"][:, 0].astype(np.uint64)
+    assert list(table["bit"]) == [int(m).bit_length() - 1 for m in mask] and np.all(table["faults"] == 1)
     shares = result.shares(by="site")
     assert shares["count"].sum() == 6 and set(shares["outcome"]) == set(jaxfi.TRAINING_OUTCOMES)
-    assert np.all((shares["lo"] <= shares["share"]) & (shares["share"] <= shares["hi"]))
+    counts = table.groupby(["site", "outcome"]).size()
+    assert shares.set_index(["group", "outcome"])["count"].loc[counts.index].tolist() == counts.tolist()
+    # A failed run stops at its first non-finite loss (NaN after it).
+    failed = table["outcome"] == "immediate_inf_nan"
+    first_bad = np.argmax(~np.isfinite(result.losses), axis=1)
+    assert failed.sum() == 1 and np.array_equal(table["stopped"][failed], first_bad[failed])
 
 
-def test_state_faults_equal_independent_runs_and_fail_fast(toy):
-    # Flipping an exponent's top bit in Adam's state makes values huge or inf: most runs fail.
+def test_state_faults_equal_independent_runs(toy):
+    # Flipping an exponent's top bit in Adam's moments makes one huge: Adam's normalisation keeps
+    # every run finite here, but half of them end worse than golden or deviate on the way.
     c = campaign(toy, jaxfi.Plan(jaxfi.Params(name="^optimizer/(mu|nu)/"), jaxfi.BitFlip(bits=(30,))))
     result = c.run(6, chunk_size=6)
     check_against_independent(c, result, range(6))
     outcomes = result.outcomes()
-    assert np.sum(outcomes != "masked") >= 3
-    failed = outcomes == "immediate_inf_nan"
-    assert np.all(result.arrays["stopped"][failed] >= result.arrays["fault_step"][failed])
+    assert np.sum(outcomes != "masked") >= 3 and not result.arrays["identical"].any()
 
 
 def test_scanned_layers_fault_forward_and_backward_like_independent_runs():
@@ -214,7 +306,7 @@ def test_scanned_layers_fault_forward_and_backward_like_independent_runs():
     # executor's bits equal the loop's: test_vectorized_trials_equal_independent_runs).
     result = c.run(4, executor="loop")
     assert result.arrays["p0_valid"].sum() == 4 and set(result.arrays["p0_site"][:, 0]) == {0, 1}
-    check_against_independent(c, result, range(4))
+    check_against_independent(c, result, range(4), loss_fn, optax.adam(0.01))
 
 
 def test_campaign_trains_with_the_fault_aware_step(toy):
@@ -257,23 +349,26 @@ def test_store_resumes_and_refuses_another_campaign(toy, activation_campaign, tm
 
 
 def test_outcomes_are_classified_as_defined():
+    """Curves as campaigns write them: golden before the fault step, NaN from a non-finite loss on
+    (the run stopped), and a NaN final metric after a non-finite update."""
     golden = np.ones(10, np.float32)
     curves = np.ones((8, 10), np.float32)
     curves[1, 6:] = 1.0001  # tiny deviation, metric within tolerance: masked
-    curves[2, 6] = np.nan  # non-finite 2 steps after the fault: immediate
+    curves[2, 6:] = np.nan  # non-finite 2 steps after the fault: immediate
     curves[3, 5:] = 2.0  # deviates and ends worse: slow degrade
     curves[4, 5] = 3.0  # spike, then back, final metric fine: recovered
-    curves[5, 9] = np.inf  # non-finite after the window, metric fine: recovered
-    curves[6, 9] = np.nan  # ... and metric NaN: slow degrade
-    curves[7, 1] = 5.0  # deviation before the fault step does not count
-    metric = np.array([0.9, 0.895, 0.9, 0.8, 0.9, 0.9, np.nan, 0.9])
+    curves[5, 6:] = np.nan  # non-finite at the window's last step (fault at 2): immediate
+    curves[6, 7:] = np.nan  # non-finite just after the window: slow degrade (the metric is NaN)
+    curves[7, 4:] = 1.05  # deviates by less than 10%, metric fine, state not golden: masked
+    metric = np.array([0.9, 0.895, np.nan, 0.8, 0.9, np.nan, np.nan, 0.9])
     identical = np.array([True] + [False] * 7)
     fault_step = np.array([4, 4, 4, 4, 4, 2, 2, 4])
     got = jaxfi.classify_training(curves, golden, metric, 0.9, identical, fault_step, jaxfi.TrainingThresholds())
-    assert list(got) == ["masked", "masked", "immediate_inf_nan", "slow_degrade", "recovered", "recovered",
-                         "slow_degrade", "masked"]
-    tight = jaxfi.TrainingThresholds(tolerance=0.001)
-    assert jaxfi.classify_training(curves, golden, metric, 0.9, identical, fault_step, tight)[1] == "slow_degrade"
+    assert list(got) == ["masked", "masked", "immediate_inf_nan", "slow_degrade", "recovered",
+                         "immediate_inf_nan", "slow_degrade", "masked"]
+    tight = jaxfi.TrainingThresholds(tolerance=0.001, deviation=0.01)
+    assert list(jaxfi.classify_training(curves, golden, metric, 0.9, identical, fault_step, tight)[[1, 7]]) == [
+        "slow_degrade", "recovered"]
 
 
 def test_spike_detector_flags_jumps_and_scores():

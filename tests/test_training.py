@@ -3,6 +3,7 @@
 import functools
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -18,14 +19,16 @@ SMALL = ("mlp", "lenet5", "resnet8")
 
 
 @pytest.fixture(scope="module")
-def trained(mnist5k):
-    """name -> (model, variables, metrics) after one epoch with the model's default settings."""
+def trained(mnist5k, trained_workdir):
+    """name -> (model, variables, metrics) after one epoch with the model's default settings
+    (mlp and lenet5 are the session's, trained by ``train_or_load`` with those settings)."""
     out = {}
-    for name in SMALL:
-        model = models.get_model(name)
-        settings = {**training.DEFAULTS[name], "epochs": 1}
-        variables, metrics = training.train(model, *mnist5k, log=None, **settings)
-        out[name] = (model, variables, metrics)
+    for name in ("mlp", "lenet5"):
+        model, variables, meta = training.train_or_load(name, trained_workdir / "models", epochs=1, log=None)
+        out[name] = (model, variables, meta["metrics"])
+    model = models.get_model("resnet8")
+    settings = {**training.DEFAULTS["resnet8"], "epochs": 1}
+    out["resnet8"] = (model, *training.train(model, *mnist5k, log=None, **settings))
     return out
 
 
@@ -37,9 +40,15 @@ def test_one_epoch_beats_chance_clearly(trained, name):
 
 
 def test_evaluate_agrees_with_training_metrics(trained, mnist5k):
+    """The reported test accuracy, ``evaluate`` in padded batches of 300, and a count of
+    correct argmaxes of the whole test set in one batch are the same fraction of 1,000."""
     model, variables, metrics = trained["resnet8"]
+    test = mnist5k[1]
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, test.images)
+    correct = int(np.sum(np.argmax(np.asarray(logits), axis=-1) == test.labels))
+    assert metrics["final_test_accuracy"] == correct / len(test.labels)
     apply_fn, params = models.bind_inference(model, variables)
-    assert training.evaluate(apply_fn, params, mnist5k[1], batch_size=300) == metrics["final_test_accuracy"]
+    assert training.evaluate(apply_fn, params, test, batch_size=300) == correct / len(test.labels)
 
 
 def _short_run(model, train_data, seed, optimizer="adam"):
@@ -139,9 +148,10 @@ def test_train_or_load_reuses_an_identical_run(workdir):
     assert meta["config"]["learning_rate"] == training.DEFAULTS["mlp"]["learning_rate"]
 
 
-def test_train_or_load_refuses_a_different_run_unless_overwrite(tmp_path):
-    training.train_or_load("mlp", tmp_path, epochs=1, batch_size=500, log=None)
-    with pytest.raises(ValueError, match=r"holds a different run .*'batch_size': \(500, 250\).*overwrite"):
+def test_train_or_load_refuses_a_different_run_unless_overwrite(workdir, tmp_path):
+    for suffix in (".msgpack", ".json"):  # the session's mlp: batch size 64
+        shutil.copy(workdir / f"mlp{suffix}", tmp_path)
+    with pytest.raises(ValueError, match=r"holds a different run .*'batch_size': \(64, 250\).*overwrite"):
         training.train_or_load("mlp", tmp_path, epochs=1, batch_size=250, log=None)
     _, _, meta = training.train_or_load("mlp", tmp_path, epochs=1, batch_size=250, overwrite=True, log=None)
     assert meta["config"]["batch_size"] == 250
