@@ -22,22 +22,33 @@ For each model and fault case it prints, from one run on this machine:
   and ``mac_bound`` = 1 / that: what skipping the golden prefix can save
   against one forward per trial, by multiply-adds (row slicing, unchanged
   features and the loop's own overheads move the real ratio either way);
-* verdict agreement of the fast path with the reference (the loop): the
-  share of trials whose SDC, SDC-5, DUE and masked verdicts all agree, and
-  the disagreeing trials.
+* verdict agreement of the fast path with the reference (the loop), per
+  stratum: the share of trials whose SDC, SDC-5, DUE and masked verdicts all
+  agree, and the disagreeing trials. Stratum "uniform" is the case's own
+  trials; stratum "nonfinite" (``--nonfinite`` trials, 0: skip) hits the
+  case's sites with one fault that sets every exponent bit of a value
+  (``StuckAt(1, bits="exponent")``: the value becomes a NaN, or an infinity
+  if its mantissa is 0, as a top-exponent flip of a value in [1, 2) does),
+  where compiled programs stop agreeing (see docs/nonfinite.md). Per
+  stratum, map and vmap are compared as well where they are offered, and
+  the row gives the reference's DUE and masked shares and the share of
+  grouped trials the reference program recomputed.
 
 Models: the 108k-parameter CNN, LeNet-5 and ResNet-8 trained on MNIST-5k
-(cached in --workdir), batch 256; ResNet-18 at 224x224x3 with random weights
-and random images, batch 16. Cases: one single-bit flip in any weight (the
-``params`` collection), one in any activation, and a bit error rate of 1e-6
-over weights.
+(cached in --workdir), batch 256; "jaxcnn", the same CNN written in plain
+jax (lax convolutions and max-pool windows) on the CNN's trained weights;
+ResNet-18 at 224x224x3 with random weights and random images, batch 16.
+Cases: one single-bit flip in any weight (the ``params`` collection), one in
+any activation, and a bit error rate of 1e-6 over weights.
 
     python benchmarks/throughput.py [--models cnn,lenet5] [--cases weights,ber]
+    python benchmarks/throughput.py --agreement_only --cases activations --trials 1024 --nonfinite 512
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -47,7 +58,9 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 import jaxfi
 from jaxfi import data, models, training
@@ -59,10 +72,27 @@ CASES = {
     "ber": ("bit error rate 1e-6 over weights",
             lambda: jaxfi.Plan(jaxfi.Params("^params/"), jaxfi.BitFlip(), ber=1e-6)),
 }
+# One fault per trial that makes a value of the case's sites non-finite.
+NONFINITE = jaxfi.StuckAt(1, bits="exponent")
 VERDICTS = ("sdc", "sdc5", "due", "masked")
 # Per model: batch, trials for the loop (and the agreement check), trials for the fast path.
-SIZES = {"cnn": (256, 1024, 4096), "lenet5": (256, 1024, 4096), "resnet8": (256, 256, 1024),
-         "resnet18": (16, 16, 64)}
+SIZES = {"cnn": (256, 1024, 4096), "jaxcnn": (256, 1024, 4096), "lenet5": (256, 1024, 4096),
+         "resnet8": (256, 256, 1024), "resnet18": (16, 16, 64)}
+
+
+def plain_cnn(params: Any, x: jax.Array) -> jax.Array:
+    """The zoo's CNN in plain jax, on its variables: conv16, bias, ReLU, 2x2
+    max-pool, conv32, bias, ReLU, max-pool, dense 128 with ReLU, dense 10."""
+    p = params["params"]
+
+    def conv_block(h: jax.Array, layer: dict[str, Any]) -> jax.Array:
+        h = lax.conv_general_dilated(h, layer["kernel"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        h = jax.nn.relu(h + layer["bias"])
+        return lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    h = conv_block(conv_block(x, p["conv1"]), p["conv2"]).reshape(x.shape[0], -1)
+    h = jax.nn.relu(h @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+    return h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
 
 
 def subject(name: str, workdir: str) -> tuple[Any, Any, np.ndarray, np.ndarray | None]:
@@ -72,10 +102,10 @@ def subject(name: str, workdir: str) -> tuple[Any, Any, np.ndarray, np.ndarray |
         apply_fn, params = models.bind_inference(model, models.init_variables(model, (224, 224, 3)))
         images = np.asarray(jax.random.normal(jax.random.key(1), (SIZES[name][0], 224, 224, 3)))
         return apply_fn, params, images, None
-    model, variables, _ = training.train_or_load(name, workdir, log=None)
+    model, variables, _ = training.train_or_load("cnn" if name == "jaxcnn" else name, workdir, log=None)
     apply_fn, params = models.bind_inference(model, variables)
     test = data.eval_subset(data.load("mnist5k", "test"), SIZES[name][0])
-    return apply_fn, params, test.images, test.labels
+    return plain_cnn if name == "jaxcnn" else apply_fn, params, test.images, test.labels
 
 
 def golden_rate(apply_fn, params, images, repeats: int = 5) -> float:
@@ -121,6 +151,48 @@ def agreement(fast: Any, reference: Any) -> tuple[float, list[int]]:
     for verdict in VERDICTS:
         same &= a[verdict].to_numpy() == b[verdict].to_numpy()
     return float(same.mean()), [int(t) for t in b["trial"][~same]]
+
+
+def stratum_plan(case: str, stratum: str) -> jaxfi.Plan:
+    """The plan of a stratum of a case: the case's own ("uniform") or one
+    ``NONFINITE`` fault in the case's sites ("nonfinite")."""
+    plan = CASES[case][1]()
+    return plan if stratum == "uniform" else dataclasses.replace(plan, fault=NONFINITE, count=1, ber=None)
+
+
+def stratum_agreement(subject_: tuple[Any, ...], case: str, stratum: str, trials: int,
+                      others: list[str]) -> dict[str, Any]:
+    """Verdict agreement with the loop on ``trials`` trials of a stratum:
+    grouped's (and the disagreeing trials), then each of ``others`` where
+    it is offered; the loop's DUE and masked shares; the share of grouped
+    trials the reference program recomputed (docs/nonfinite.md)."""
+    campaign = jaxfi.Campaign(*subject_, stratum_plan(case, stratum), seed=0)
+    reference = campaign.run(trials, executor="loop", chunk_size=64, quiet=True)
+    fast = campaign.run(trials, executor="grouped", chunk_size=256, quiet=True)
+    on_reference = fast.table["program"].to_numpy() == reference.table["program"].to_numpy()
+    row = {f"{stratum}_trials": trials, f"{stratum}_loop_due": float(reference.table["due"].mean()),
+           f"{stratum}_loop_masked": float(reference.table["masked"].mean()),
+           f"{stratum}_grouped_recomputed": float(on_reference.mean())}
+    row[f"agreement_{stratum}"], row[f"disagreeing_{stratum}"] = agreement(fast, reference)
+    for executor in others:
+        try:
+            other = campaign.run(trials, executor=executor, chunk_size=64, quiet=True)
+            row[f"agreement_{stratum}_{executor}"] = agreement(other, reference)[0]
+        except jaxfi.executors.NotBitwiseError:
+            row[f"agreement_{stratum}_{executor}"] = "not offered (not bitwise)"
+    return row
+
+
+def agreement_only(name: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Verdict agreement alone, per stratum: ``--trials`` uniform trials and
+    ``--nonfinite`` NaN/Inf trials, grouped, map and vmap against the loop."""
+    subject_ = subject(name, args.workdir)
+    row: dict[str, Any] = {"model": name, "case": CASES[case][0]}
+    others = [] if name == "resnet18" else ["map", "vmap"]
+    for stratum, trials in (("uniform", args.trials), ("nonfinite", args.nonfinite)):
+        if trials and (stratum == "uniform" or case != "ber"):
+            row.update(stratum_agreement(subject_, case, stratum, trials, others))
+    return row
 
 
 def fresh_campaign(name: str, case: str, trials: int, workdir: str, executor: str, cache: str = "") -> dict[str, Any]:
@@ -179,8 +251,10 @@ def bench(name: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
             _, _, row[executor] = timed_run(campaign, min(n_loop, 64), executor, 64)
         except jaxfi.executors.NotBitwiseError:
             row[executor] = "not bitwise"
-    row["agreement"], row["disagreeing"] = agreement(fast, reference)
+    row["agreement_uniform"], row["disagreeing_uniform"] = agreement(fast, reference)
     row["agreement_trials"] = n_loop
+    if args.nonfinite and case != "ber":
+        row.update(stratum_agreement((apply_fn, params, images, labels), case, "nonfinite", args.nonfinite, []))
     row["fast_sdc_rate"] = float(fast.table["sdc"].iloc[:n_loop].mean())
     row["loop_sdc_rate"] = float(reference.table["sdc"].mean())
     if args.campaign:
@@ -194,12 +268,17 @@ def main() -> None:
     parser.add_argument("--models", default="cnn,lenet5,resnet8,resnet18")
     parser.add_argument("--cases", default="weights,activations,ber")
     parser.add_argument("--trials", type=int, default=1024, help="most trials the loop runs per case")
+    parser.add_argument("--nonfinite", type=int, default=512,
+                        help="trials of the NaN/Inf stratum per case (0: skip; the ber case has none of its own)")
     parser.add_argument("--campaign", type=int, default=9604,
                         help="trials of the fresh-process campaign (0: skip); ResNet-18 skips it")
     parser.add_argument("--rounds", type=int, default=3,
                         help="turns the loop and grouped take at steady state (median rate of each)")
     parser.add_argument("--fresh_repeats", type=int, default=2,
                         help="turns auto and grouped take at the fresh-process campaign (least time of each)")
+    parser.add_argument("--agreement_only", action="store_true",
+                        help="only verdict agreement per stratum (--trials uniform, --nonfinite NaN/Inf trials; "
+                             "grouped, map, vmap against the loop), no timings")
     parser.add_argument("--fresh_only", action="store_true",
                         help="only the fresh-process campaigns (auto, grouped, grouped with a filled cache)")
     parser.add_argument("--workdir", default="runs/models")
@@ -208,8 +287,12 @@ def main() -> None:
     for name in args.models.split(","):
         for case in args.cases.split(","):
             local = argparse.Namespace(**{**vars(args), "campaign": 0 if name == "resnet18" else args.campaign})
-            row = ({"model": name, "case": CASES[case][0], **fresh_campaigns(name, case, local)}
-                   if args.fresh_only else bench(name, case, local))
+            if args.agreement_only:
+                row = agreement_only(name, case, local)
+            elif args.fresh_only:
+                row = {"model": name, "case": CASES[case][0], **fresh_campaigns(name, case, local)}
+            else:
+                row = bench(name, case, local)
             print(json.dumps(row), flush=True)
             if args.out:
                 with open(args.out, "a") as f:

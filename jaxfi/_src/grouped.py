@@ -21,7 +21,12 @@ A group's program rounds differently from the unbatched trial in the last
 bits; every trial is therefore compared with the golden run of its own
 program (``golden(program)``: the same program with no fault landing), so
 "masked" still means bit-identical. Each trial's program is named by its
-group (``program_id``), which depends only on its faults. At most
+group (``program_id``), which depends only on its faults. A trial whose
+faults leave a NaN or an infinity, or whose values turn non-finite where they
+reach an operation that may drop one (a max, a max-pool) or the output, is
+computed again by the reference program and named by it (``REFERENCE``):
+which value a max keeps when one is NaN is a property of the compiled
+program, so only the reference can give its verdict (docs/nonfinite.md). At most
 ``max_programs`` split points are compiled, chosen where most of the
 population lies; a trial whose layer has no program of its own runs from the
 nearest split point before it. Programs compile when a group first appears.
@@ -46,11 +51,11 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxfi._src import interpret
-from jaxfi._src.inject import plan_faults
-from jaxfi._src.plan import Plan, Population
+from jaxfi._src.inject import Live, plan_faults
+from jaxfi._src.plan import Plan, Population, split_index
 from jaxfi._src.rows import RowProgram, row_sites
 from jaxfi._src.sites import param_sites
-from jaxfi._src.trial import GOLDEN_INDEX, Computed, Trials, plan_key, sites_of, trial_key
+from jaxfi._src.trial import GOLDEN_INDEX, REFERENCE, Computed, Trials, plan_key, sites_of, trial_key
 
 TRIAL_AXIS = "trials"
 _NEVER = np.iinfo(np.int32).max
@@ -219,6 +224,8 @@ class GroupedRunner:
         self._suffix: np.ndarray | None = None
         self._keys: dict[int, Key] = {}
         self._goldens: dict[int, Any] = {}
+        # Shared with the runners ``on`` makes: whether the reference trial has been compiled.
+        self._shared = {"reference": False}
         began = time.perf_counter()
         self._hits = jax.jit(self._hit_fn())
         self.compile_seconds = 0.0
@@ -232,7 +239,7 @@ class GroupedRunner:
             key = trial_key(base_key, index)
             out, wide = [], jnp.asarray(False)
             for i, view in enumerate(views):
-                faults = plan_faults(plan_key(key, i), view.pop)
+                faults = plan_faults(plan_key(key, i), view.pop, split_index(index)[0])
                 rank = jnp.asarray(view.rank, jnp.int32)[faults.site]
                 out.append(jnp.min(jnp.where(faults.valid, rank, _NEVER), initial=_NEVER))
                 wide |= jnp.any(faults.valid & ~jnp.asarray(view.by_row)[faults.site])
@@ -255,35 +262,38 @@ class GroupedRunner:
         program = RowProgram(self._trials.apply_fn, self._trials.params, self._trials.inputs, self._trials.plans,
                              [v.pop for v in self._views], only, incremental=self._incremental)
         self._paths[key] = program
-        return lambda base_key, i, params, golden: program.trial(trial_key(base_key, i), params, golden, live=i >= 0)
+        return lambda base_key, i, params, golden, finite: program.checked(trial_key(base_key, i), params, golden,
+                                                                           finite, live=Live(i >= 0, i))
 
-    def _golden_reads(self, key: Key) -> Any:
-        """The golden values the group's program reads, on this runner's inputs."""
+    def _golden_reads(self, key: Key) -> tuple[Any, jax.Array]:
+        """The golden values the group's program reads, on this runner's
+        inputs, and which of the values it computes are finite there."""
         if key not in self._reads:
             program = self._paths[key]
             if self._values is None:
                 self._values = program.golden_values_program(*self._args[1:])
-            self._reads[key] = program.golden(*self._args[1:], values=self._values)
+            self._reads[key] = (program.golden(*self._args[1:], values=self._values),
+                                program.golden_finite(self._values))
         return self._reads[key]
 
     def _compiled(self, key: Key) -> Any:
         trial = self._trial(key)
 
-        def local(base_key, indices, count, params, golden):
+        def local(base_key, indices, count, params, golden, finite):
             # A loop over the first ``count`` slots only: a group's last call
             # (or a group of one) costs its own trials, not the program width.
             def one(j, out):
-                result = trial(base_key, indices[j], params, golden)
+                result = trial(base_key, indices[j], params, golden, finite)
                 return jax.tree.map(lambda o, r: lax.dynamic_update_index_in_dim(o, r, j, 0), out, result)
 
-            shapes = jax.eval_shape(lambda i: trial(base_key, i, params, golden), indices[0])
+            shapes = jax.eval_shape(lambda i: trial(base_key, i, params, golden, finite), indices[0])
             empty = jax.tree.map(lambda s: jnp.zeros(indices.shape + s.shape, s.dtype), shapes)
             return lax.fori_loop(0, count[0], one, empty)
 
         return jax.jit(jax.shard_map(
             local, mesh=self._mesh, out_specs=PartitionSpec(TRIAL_AXIS), check_vma=False,
             in_specs=(PartitionSpec(), PartitionSpec(TRIAL_AXIS), PartitionSpec(TRIAL_AXIS), PartitionSpec(),
-                      PartitionSpec())))
+                      PartitionSpec(), PartitionSpec())))
 
     def _program(self, key: Key) -> Key:
         """The group's program, compiled on first use (by this runner or the one it came ``on``)."""
@@ -302,7 +312,7 @@ class GroupedRunner:
         split = NamedSharding(self._mesh, PartitionSpec(TRIAL_AXIS))
         base, params, _ = self._args
         out = self._programs[key](base, jax.device_put(padded, split),
-                                  jax.device_put(counts.astype(np.int32), split), params, self._golden_reads(key))
+                                  jax.device_put(counts.astype(np.int32), split), params, *self._golden_reads(key))
         return jax.tree.map(lambda a: np.asarray(a)[:len(indices)], jax.device_get(out))
 
     def _run_group(self, key: Key, indices: np.ndarray) -> Any:
@@ -321,8 +331,10 @@ class GroupedRunner:
 
     def golden(self, program: int) -> np.ndarray:
         """The output of program ``program`` with no fault landing (what its trials are compared with)."""
+        if program == REFERENCE:
+            return self._trials.golden
         if program not in self._goldens:
-            output, _ = self._call(self._program(self._keys[program]), np.asarray([GOLDEN_INDEX], np.int32))
+            output, *_ = self._call(self._program(self._keys[program]), np.asarray([GOLDEN_INDEX], np.int32))
             self._goldens[program] = output[0]
         return self._goldens[program]
 
@@ -357,16 +369,38 @@ class GroupedRunner:
     def __call__(self, start: int, stop: int) -> Computed:
         indices = np.arange(start, stop, dtype=np.int32)
         result, programs = None, np.zeros(len(indices), np.int64)
+        nonfinite = np.zeros(len(indices), bool)
         for key, positions in self._grouped(indices).items():
-            out = self._run_group(key, indices[positions])
+            *out, nonfinite[positions] = self._run_group(key, indices[positions])
             ident = program_id(f"grouped{self._incremental * '+incremental'}:{key}")
             self._keys[ident] = key
             programs[positions] = ident
             if result is None:
                 result = jax.tree.map(lambda a: np.empty((len(indices),) + a.shape[1:], a.dtype), out)
-            for dst, src in zip(jax.tree.leaves(result), jax.tree.leaves(out)):
-                dst[positions] = src
+            _scatter(result, out, positions)
+        for position in np.flatnonzero(nonfinite):
+            _scatter(result, self._reference(int(indices[position])), [position])
+            programs[position] = REFERENCE
         return Computed(*result, programs)
+
+    def _reference(self, index: int) -> Any:
+        """Trial ``index`` by the reference program (``Trials.replay``), as a batch of one.
+
+        Its first call compiles the reference trial unless this process has
+        already (the loop, a replay): that time counts as compile time.
+        """
+        began = time.perf_counter()
+        out = jax.tree.map(lambda a: np.asarray(a)[None], self._trials.replay(index))
+        if not self._shared["reference"]:
+            self._shared["reference"] = True
+            self.compile_seconds += time.perf_counter() - began
+        return list(out)
+
+
+def _scatter(result: Any, out: Any, positions: Sequence[int]) -> None:
+    """Write the trials of ``out`` into ``result`` (numpy leaves) at ``positions``."""
+    for dst, src in zip(jax.tree.leaves(result), jax.tree.leaves(out)):
+        dst[positions] = src
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,6 +77,11 @@ _REDUCTIONS = frozenset({"reduce_max", "reduce_min", "reduce_and", "reduce_or", 
                          "argmax", "argmin"})
 _WINDOWS = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
 _MAX_CONV_CORRECTIONS = 16
+# Operations that can turn a NaN into a number, and which one depends on the
+# compiled program (XLA:CPU's max-pool keeps or drops a NaN by its position in
+# the window; a fused ReLU maps it to 0): a NaN reaching one is watched.
+_NAN_DROPPING = frozenset({"max", "min", "clamp", "reduce_max", "reduce_min", "reduce_window_max",
+                           "reduce_window_min", "argmax", "argmin", "sort", "convert_element_type"})
 # Row-local, but XLA:CPU may round one row differently than the whole batch.
 _ROUNDED = frozenset({"dot_general", "reduce_sum"})
 # Params that spell the batch size of an operation's output.
@@ -299,6 +304,14 @@ class RowProgram:
         stored |= {flat.ops[n].ins[1] for n in self._sparse if flat.ops[n].ins[1] not in self._leaf_ids}
         stored = {x for x in stored if isinstance(x, int) and x not in faulted}
         self._golden_ids = sorted((reads | stored) - again_outs - set(flat.consts) - faulted)
+        # Where a trial's NaN or infinity shows, if it has one (see ``checked``):
+        # arithmetic carries it to a program output unless an operation whose
+        # NaN semantics depend on the compiled program drops it first.
+        # A faulted value itself is checked in the records.
+        dropping = {x for op in flat.ops if op.eqn.primitive.name in _NAN_DROPPING for x in op.ins
+                    if isinstance(x, int)}
+        outputs = {x for x in flat.outputs if isinstance(x, int)}
+        self._watched = tuple(sorted((dropping | outputs) & mode.keys()))
 
     def _recomputed(self, reads: set[int], hows: Sequence[str | None]) -> set[int]:
         """Golden operations a trial computes again rather than reading their results.
@@ -413,9 +426,65 @@ class RowProgram:
         return env if every else [env[i] for i in self._golden_ids]
 
     def trial(self, key: jax.Array, params: Any, golden: Sequence[Any],
-              live: jax.Array | None = None) -> tuple[Any, tuple[Any, ...]]:
+              live: Any = None) -> tuple[Any, tuple[Any, ...]]:
         """One trial from its key, the (unfaulted) params and ``golden``; with
         ``live`` False, no fault lands (the program's own golden run)."""
+        output, records, *_ = self._evaluate(key, params, golden, live)
+        return output, records
+
+    def checked(self, key: jax.Array, params: Any, golden: Sequence[Any], finite: jax.Array,
+                live: Any = None) -> tuple[Any, tuple[Any, ...], jax.Array]:
+        """``trial``, and whether a value the trial computed itself (a faulted
+        value or one downstream of it) holds a NaN or an infinity.
+
+        Such a trial's outcome is a property of the compiled program (which
+        value a max or a max-pool keeps when one is NaN, say), so only the
+        reference program can say it; the caller recomputes it there.
+
+        Args:
+          key: the trial's key.
+          params: the unfaulted params.
+          golden: ``golden(params, inputs)``.
+          finite: ``golden_finite`` of the same inputs: a value whose golden
+            run already holds a non-finite element (a mask of -inf, say) is
+            not checked itself, only what the trial computes from it.
+          live: as in ``trial``.
+
+        Returns:
+          ``(output, records, nonfinite)``.
+        """
+        output, records, own, own_full, rows = self._evaluate(key, params, golden, live)
+        return output, records, self._nonfinite(own, own_full, rows, finite, records)
+
+    def golden_finite(self, values: dict[int, Any]) -> jax.Array:
+        """Per value ``checked`` watches, whether its golden run (from
+        ``golden_values``) is all finite."""
+        return jnp.stack([jnp.all(jnp.isfinite(values[i])) if _inexact(values[i]) else jnp.asarray(True)
+                          for i in self._watched] or [jnp.asarray(True)])
+
+    def _nonfinite(self, own: dict, own_full: dict, rows: jax.Array, finite: jax.Array,
+                   records: Sequence[Any]) -> jax.Array:
+        """Whether a fault made a NaN or an infinity (from the records), or a
+        watched value holds one in a row the trial computes (padding rows
+        aside) where its golden run holds none."""
+        found = jnp.any(jnp.stack([_nonfinite_faults(r, pop) for r, pop in zip(records, self._pops)]))
+        real = rows < self.batch
+        for k, i in enumerate(self._watched):
+            by_rows = self._mode.get(i) == "rows"
+            # A value computed on the whole batch as well differs from golden in the trial's rows only.
+            for values in (own.get(i), take_rows(own_full[i], rows) if i in own_full else None):
+                if values is None or not _inexact(values):
+                    continue
+                bad = ~jnp.isfinite(values)
+                if by_rows:
+                    bad = jnp.any(bad.reshape(bad.shape[0], -1), axis=1) & real
+                found |= jnp.any(bad) & finite[k]
+        return found
+
+    def _evaluate(self, key: jax.Array, params: Any, golden: Sequence[Any], live: Any
+                  ) -> tuple[Any, tuple[Any, ...], dict, dict, jax.Array]:
+        """A trial's output and records, the values it computed (by rows or
+        whole, and whole where also needed so) and the rows it computed."""
         flat = self._flat
         gold = dict(flat.consts) | dict(zip(self._golden_ids, golden))
         records: list[Any] = [None] * len(self._plans)
@@ -459,7 +528,7 @@ class RowProgram:
             records[i] = assemble_record(faults, self._pops[i], parts[i])
         outs = [_operand(x, _output_recipe(x, self._mode, self._doubled_ids), own | own_full, gold, rows)
                 for x in flat.outputs]
-        return jax.tree.unflatten(self._out_tree, outs), tuple(records)
+        return jax.tree.unflatten(self._out_tree, outs), tuple(records), own, own_full, rows
 
     def _changes(self, leaf: int, records: Sequence[Any]) -> Changes:
         """The changes the trial's params faults (in ``records``) made to ``leaf``."""
@@ -727,6 +796,21 @@ def _operand(x: Any, recipe: str, own: dict, gold: dict, rows: jax.Array) -> Any
     if recipe == "splice":
         return put_rows(gold[x], rows, own[x])
     return own[x] if recipe in ("own", "full_of") else gold[x]
+
+
+def _nonfinite_faults(record: Any, pop: Population) -> jax.Array:
+    """Whether a fault in ``record`` left a NaN or an infinity (its value after)."""
+    site = jnp.maximum(record.site, 0)
+    found = jnp.asarray(False)
+    for dtype in {s.dtype for s in pop.sites if jnp.issubdtype(s.dtype, jnp.inexact)}:
+        ours = jnp.asarray([s.dtype == dtype for s in pop.sites])[site]
+        after = bits_lib.from_bits(record.after.astype(bits_lib.format_of(dtype).uint), dtype)
+        found |= jnp.any(record.valid & ours & ~jnp.isfinite(after))
+    return found
+
+
+def _inexact(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
 
 
 def _value(env: dict, x: Any) -> Any:
