@@ -152,13 +152,27 @@ def test_trial_key_is_fold_in_of_seed(trials):
     assert ex.same_bits(jax.device_get(direct), trials.replay(5))
 
 
-def test_four_devices_match_one(tmp_path, reference, grouped):
-    out = tmp_path / "four.npz"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, __file__, str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+@pytest.fixture(scope="module", autouse=True)
+def four_devices(request, tmp_path_factory):
+    """``(process, path)``: this file run as a script on 4 CPU devices, started with the module's
+    first test (when test_four_devices_match_one is selected) so that it computes while the
+    other tests do; None when that test is not selected."""
+    if not any(item.name == "test_four_devices_match_one" for item in request.session.items):
+        yield None
+        return
+    out = tmp_path_factory.mktemp("four-devices") / "four.npz"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    with open(out.with_suffix(".log"), "w") as log:  # a file, not a pipe: nothing blocks the child
+        process = subprocess.Popen([sys.executable, __file__, str(out)], env=env, stdout=log, stderr=log)
+    yield process, out
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_four_devices_match_one(four_devices, reference, grouped):
+    process, out = four_devices
+    assert process.wait(timeout=600) == 0, out.with_suffix(".log").read_text()[-3000:]
     saved = np.load(out)
     assert int(saved["devices"]) == 4
     for name in sorted({k.rsplit("/", 1)[0] for k in saved.files if "/" in k}):

@@ -181,7 +181,7 @@ def with_recorded_faults(state, names, arrays, prefix):
     return jax.tree.map(jnp.asarray, (trees["weights"], (adam, *rest)))
 
 
-def reference_run(c, loss_fn, tx, metric_fn, index, arrays=None):
+def reference_run(c, step, metric_fn, index, arrays=None):
     """Trial ``index`` as a whole training run of the test's own jitted steps from step 0,
     stopped (NaN after) at a non-finite loss, as the campaign documents its curves.
 
@@ -189,11 +189,11 @@ def reference_run(c, loss_fn, tx, metric_fn, index, arrays=None):
     the fault step; activations faults are drawn by ``faulty_value_and_grad`` from
     the documented keys (trial key ``fold_in(key(seed), index)``, its fault key
     ``fold_in(trial, 1)``, plan ``j``'s key ``fold_in(fault key, j)``).
+    ``step`` is ``reference_step`` of the campaign's loss, optimizer and activations plans;
     ``arrays`` are the result's columns of this trial. A negative ``index`` is the
     fault-free run. Returns a ``Reference``.
     """
     act = [j for j, p in enumerate(c.plans) if p.kind == "activations"]
-    step = reference_step(loss_fn, tx, [c.plans[j] for j in act])
     trial = jax.random.fold_in(jax.random.key(c.seed), max(index, 0))
     s = int(jax.random.randint(jax.random.fold_in(trial, 0), (), *c.fault_steps)) if index >= 0 else -1
     keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(trial, 1), j) for j in act or [0]])
@@ -221,10 +221,10 @@ def check_against_independent(c, result, indices, loss_fn=mlp_loss, tx=None, met
     loop = c.run_trials(list(indices), executor="loop")
     for name, column in jaxfi._src.train_faults._columns(loop).items():
         np.testing.assert_array_equal(column, result.arrays[name][list(indices)], err_msg=name)
-    golden = reference_run(c, loss_fn, tx, metric_fn, -1)
+    step = reference_step(loss_fn, tx, [p for p in c.plans if p.kind == "activations"])
+    golden = reference_run(c, step, metric_fn, -1)
     np.testing.assert_array_equal(golden.losses.view(np.uint32), result.golden.losses.view(np.uint32))
-    runs = [reference_run(c, loss_fn, tx, metric_fn, i, {k: v[i] for k, v in result.arrays.items()})
-            for i in indices]
+    runs = [reference_run(c, step, metric_fn, i, {k: v[i] for k, v in result.arrays.items()}) for i in indices]
     for i, run in zip(indices, runs):
         assert run.fault_step == result.arrays["fault_step"][i], i
         act = [j for j, p in enumerate(c.plans) if p.kind == "activations"]
