@@ -273,7 +273,7 @@ def _changed_share_bound(changed: int, n: int, baseline: float, bounds: tuple[fl
 
 
 def paired_interval(a: ArrayLike, b: ArrayLike, confidence: float = 0.95,
-                    bounds: tuple[float, float] = (0.0, 1.0),
+                    bounds: tuple[float, float] = (0.0, 1.0), baseline: float = 0.0,
                     min_changed: int = MIN_CHANGED) -> dict[str, Any]:
     """The mean difference ``a - b`` of paired values, with a guarded interval.
 
@@ -281,16 +281,20 @@ def paired_interval(a: ArrayLike, b: ArrayLike, confidence: float = 0.95,
     two site kinds with one seed) are paired: their difference varies far
     less than either value, so the paired interval is the one to compare
     them with, and an independent-sample interval would be too wide (or, at
-    low rates, meaningless). Differences of trials where neither changed are
-    exactly 0, so the interval is ``mean_interval`` of the differences with
-    baseline 0.
+    low rates, meaningless). A pair where neither trial changed differs by
+    exactly ``baseline`` (0 for one model at two rates; the difference of the
+    golden values for two models), so the interval is ``mean_interval`` of
+    the differences around that baseline: never zero-width while fewer than
+    ``min_changed`` pairs moved.
 
     Args:
-      a, b: one value per trial, trial ``i`` of ``a`` paired with trial ``i``
-        of ``b`` (same length).
+      a: one value per trial.
+      b: one value per trial, trial ``i`` paired with trial ``i`` of ``a``
+        (same length).
       confidence: the interval's confidence level.
       bounds: the range of each value; differences lie in
         [low - high, high - low].
+      baseline: the difference of a pair whose faults changed nothing.
       min_changed: as in ``mean_interval``.
 
     Returns:
@@ -303,7 +307,7 @@ def paired_interval(a: ArrayLike, b: ArrayLike, confidence: float = 0.95,
     if a.shape != b.shape:
         raise ValueError(f"paired values need the same number of trials, got {a.size} and {b.size}")
     spread = bounds[1] - bounds[0]
-    return mean_interval(a - b, confidence, (-spread, spread), baseline=0.0, min_changed=min_changed)
+    return mean_interval(a - b, confidence, (-spread, spread), baseline=baseline, min_changed=min_changed)
 
 
 # ------------------------------------------------------- per-stratum rates

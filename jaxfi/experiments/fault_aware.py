@@ -12,7 +12,7 @@ campaign uses the same seed, so trial i flips the same bit positions in every
 variant and variants can be compared trial by trial. Writes to --workdir:
 
 - fault_aware.csv: one row per (variant, rate): faulty top-1 error with a 95%
-  Student-t interval over trials, the fault-free error, DUE trials, faults per
+  interval over trials, the fault-free error, DUE trials, faults per
   trial, seconds, and the paired difference to a reference variant (see
   ``_REFERENCE``).
 - fault_aware.png: error vs bit error rate, one line and band per variant.
@@ -20,10 +20,12 @@ variant and variants can be compared trial by trial. Writes to --workdir:
 
 Intervals. The trial is the unit of replication (the test inputs of a trial
 share its faults), so the error is the mean over trials of each trial's error
-on the test images, with a Student-t interval over trials
-(``jaxfi.stats.mean_interval``). The paired difference is the mean over trials
-of (error - reference error) with a Student-t interval over trials: it is
-conditional on the test images.
+on the test images, with an interval over trials (``jaxfi.stats.mean_interval``
+with the fault-free error as baseline: the changed-share bound while fewer
+than 10 trials changed the error, else Student-t). The paired difference is
+the mean over trials of (error - reference error) with
+``jaxfi.stats.paired_interval`` (the same guard around 0): it is conditional
+on the test images.
 """
 
 from __future__ import annotations
@@ -113,14 +115,15 @@ def run(defined: Flags, argv: list[str]) -> None:
     trained = {kind: _train(kind, config, train_data, test_data) for kind in ("normal", "fault-aware")}
     functions = {kind: _protected(model, variables, train_data)
                  for kind, (model, variables, _) in trained.items()}
-    rows, errors = [], {}
+    rows, errors, goldens = [], {}, {}
     for kind, restricted in _VARIANTS:
         apply_fn, params, _ = functions[kind][restricted]
         for rate in config["rates"]:
             row, errors[kind, restricted, rate] = _campaign(apply_fn, params, rate, test_data, config)
+            goldens[kind, restricted] = row["golden_error"]
             rows.append({"variant": _label((kind, restricted)), "training": kind,
                          "restriction": restricted, **row,
-                         **_versus((kind, restricted), rate, errors)})
+                         **_versus((kind, restricted), rate, errors, goldens)})
             print(_progress(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
     table.to_csv(workdir / f"{_NAME}.csv", index=False)
@@ -192,24 +195,26 @@ def _campaign(apply_fn: Any, params: Any, rate: float, test_data: data.Dataset,
                               jaxfi.Plan(jaxfi.Params(), ber=rate), seed=config["seed"])
     result = campaign.run(config["trials"], executor=config["executor"], quiet=True)
     errors = 1.0 - result.table["accuracy"].to_numpy(np.float64)
-    error = stats.mean_interval(errors, bounds=(0.0, 1.0))
+    golden_error = 1.0 - campaign.golden.accuracy
+    error = stats.mean_interval(errors, bounds=(0.0, 1.0), baseline=golden_error)
     return {
         "rate": rate, "trials": len(result), "eval_examples": len(test_data.labels),
         "error": error["mean"], "lo": error["lo"], "hi": error["hi"],
-        "golden_error": 1.0 - campaign.golden.accuracy,
+        "golden_error": golden_error,
         "due_trials": float(result.table["due"].mean()),
         "faults_per_trial": float(result.table["faults"].mean()),
         "seconds": time.perf_counter() - start,
     }, errors
 
 
-def _versus(variant: Variant, rate: float,
-            errors: dict[tuple[str, bool, float], np.ndarray]) -> dict[str, Any]:
+def _versus(variant: Variant, rate: float, errors: dict[tuple[str, bool, float], np.ndarray],
+            goldens: dict[Variant, float]) -> dict[str, Any]:
     """Paired difference (this - reference) over trials with the same faults, and its 95% interval."""
     reference = _REFERENCE.get(variant)
     if reference is None:
         return {"reference": "", "diff": np.nan, "diff_lo": np.nan, "diff_hi": np.nan}
-    diff = stats.mean_interval(errors[(*variant, rate)] - errors[(*reference, rate)])
+    diff = stats.paired_interval(errors[(*variant, rate)], errors[(*reference, rate)],
+                                 baseline=goldens[variant] - goldens[reference])
     return {"reference": _label(reference), "diff": diff["mean"], "diff_lo": diff["lo"], "diff_hi": diff["hi"]}
 
 
@@ -230,7 +235,7 @@ def _title(config: dict[str, Any]) -> str:
     return (f"{config['model']} on mnist5k under weight bit flips: fault-aware training at "
             f"{config['train_rate']:.0e}, range restriction of ReLU outputs\n"
             f"{config['trials']} trials x {config['eval_examples']} test images per point; "
-            "bands: 95% Student-t intervals over trials")
+            "bands: 95% intervals over trials")
 
 
 def _training_summary(metrics: dict[str, Any]) -> dict[str, Any]:

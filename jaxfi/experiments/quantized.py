@@ -88,7 +88,7 @@ def define_flags() -> Flags:
         trials=flags.DEFINE_integer("trials", 32, "Trials every rate point runs first.", lower_bound=2),
         max_trials=flags.DEFINE_integer("max_trials", 1024, "Trials no rate point exceeds.", lower_bound=2),
         half_width=flags.DEFINE_float(
-            "half_width", 0.03, "Run more trials at a rate point until the 95% Student-t interval of its "
+            "half_width", 0.03, "Run more trials at a rate point until the 95% interval of its "
             "top-1 error is at most this wide on either side (a fraction), or --max_trials ran.",
             lower_bound=0.0, upper_bound=1.0))
     study_flags.validate("rates", study_flags.check_rates)

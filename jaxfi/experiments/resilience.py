@@ -8,14 +8,19 @@ and evaluating --eval_size test images.
     python experiments/resilience.py --workdir=runs/study    (or: jaxfi-resilience --workdir=...)
 
 trains mlp, lenet5 and resnet8 on the embedded mnist5k (cached in
-WORKDIR/models) and sweeps bit error rates over all weight bits. Each point
-runs --trials trials, then more until the 95% Student-t interval of its
-top-1 error over trials is at most --half_width on either side (or
---max_trials ran; ``jaxfi.study.Target``). This stopping is sequential
-(optional stopping), so the nominal coverage is slightly optimistic. Running
-the same command again resumes: finished points are read back from their
-stores (WORKDIR/campaigns/resilience/...) and an interrupted one continues,
-with compiled programs loaded from WORKDIR/compilation_cache.
+WORKDIR/models) and sweeps bit error rates over all weight bits. Each model's
+sweep is one campaign: the rate is data to one compiled trial program, and
+trial i draws from the same key at every rate (its faults at a lower rate are
+a subset of those at a higher one), so rates and models are paired. Each
+point runs --trials trials, then more until the 95% interval of its top-1
+error over trials is at most --half_width on either side (or --max_trials
+ran; ``jaxfi.study.Target``): while fewer than 10 trials changed the error
+that interval is the changed-share bound, so a point never stops on a
+zero-width interval; its sequential coverage is simulated in the tests.
+Running the same command again resumes: finished points are read back from
+their model's store (WORKDIR/campaigns/resilience/MODEL/...) and an
+interrupted one continues, with compiled programs loaded from
+WORKDIR/compilation_cache.
 
 Several processes or hosts (docs/distributed.md): add --coordinator_address,
 --num_processes and --process_id; process 0 trains the models while the
@@ -49,10 +54,14 @@ Writes to --workdir, with STEM = resilience-SITE-MODE:
   mode); eval_size; seed; population_bits (bits the faults are drawn from per
   trial); then the figures of ``jaxfi.study.summary_columns()``: trials,
   golden_error, faults_mean, overflow, and error, sdc, sdc5, due, logit_dev
-  (means over trials of per-trial fractions, with 95% Student-t intervals
-  over trials: *_lo, *_hi) and sdc_trial, due_trial, harm_trial (fractions of
-  trials with such an event, 95% Wilson intervals). jaxfi/study/summary.py
-  says why the trial is the unit.
+  (means over trials of per-trial fractions, with 95% intervals over trials:
+  *_lo, *_hi) and sdc_trial, due_trial, harm_trial (fractions of trials with
+  such an event among eval_size inputs, 95% Wilson intervals).
+  jaxfi/study/summary.py says why the trial is the unit.
+- STEM-paired.csv (rate mode): paired differences of the top-1 error, each
+  with its 95% paired interval over the trials both sides share: every
+  model's point against its next lower rate, and every pair of models at
+  each rate.
 - STEM.json: flags, models (source, accuracy, size), per point its trials,
   the trials computed in this run, the executor, seconds and what
   --executor=auto measured, wall time, software versions.
@@ -63,9 +72,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 from typing import Any
 
+import jax
 import pandas as pd
 
 from jaxfi import data, study
@@ -113,7 +124,7 @@ def define_flags() -> Flags:
             "max_trials", 2048, "Trials no (model, point) exceeds (--max_trials=--trials: a fixed number).",
             lower_bound=2),
         half_width=flags.DEFINE_float(
-            "half_width", 0.03, "Run more trials at a point until the 95% Student-t interval of its top-1 "
+            "half_width", 0.02, "Run more trials at a point until the 95% interval of its top-1 "
             "error over trials is at most this wide on either side (a fraction: 0.03 = 3 points), or "
             "--max_trials ran.", lower_bound=0.0, upper_bound=1.0),
         dataset=flags.DEFINE_string("dataset", data.EMBEDDED, "'mnist5k' or a prepared TFDS dataset."),
@@ -135,17 +146,29 @@ def run(defined: Flags, argv: list[str]) -> None:
     workdir, subjects = common.load(dataset=defined.dataset.value,
                                     data_dir=study_flags.user_path(defined.data_dir.value),
                                     weights=study_flags.user_path(defined.weights.value))
-    jobs = [study.Job(s, study.plans_for(s, p, defined.batch_stats.value), f"{s.label}/{p.label}",
-                      {"model": s.label, "site": p.site, "mode": p.mode, "rate": p.rate, "count": p.count})
-            for s in subjects for p in points]
+    jobs = [job for s in subjects for job in _jobs(s, points, defined.batch_stats.value)]
     target = study_flags.check_target(defined.trials.value, defined.max_trials.value, defined.half_width.value)
     done = common.sweep(jobs, workdir / "campaigns" / "resilience", target)
     table = pd.DataFrame([_row(d, common.seed.value) for d in done])
     mode, site = defined.mode.value, defined.site.value
+    if mode == "rate" and jax.process_index() == 0:
+        _paired(done).to_csv(workdir / f"resilience-{site}-{mode}-paired.csv", index=False)
     study.write_report(workdir / f"resilience-{site}-{mode}", table, name="resilience",
                        plot=study.plot_sweep, title=_title(defined, subjects),
                        flag_values=study_flags.flag_values(_FLAG_NAMES), subjects=subjects, done=done,
                        began=began, show=functools.partial(_print, mode))
+
+
+def _jobs(subject: study.Subject, points: list[study.Point], batch_stats: bool) -> list[study.Job]:
+    """One campaign for the whole rate sweep (one compiled program), or one per fault count."""
+    keys = [{"site": p.site, "mode": p.mode, "rate": p.rate, "count": p.count} for p in points]
+    if points[0].mode == "rate":
+        rates = "_".join(f"{p.rate:g}" for p in points)
+        path = f"{subject.label}/{points[0].site}-ber-sweep-{hashlib.sha256(rates.encode()).hexdigest()[:10]}"
+        return [study.Job(subject, study.plans_for(subject, points, batch_stats), path, {"model": subject.label},
+                          tuple(keys))]
+    return [study.Job(subject, study.plans_for(subject, p, batch_stats), f"{subject.label}/{p.label}",
+                      {"model": subject.label, **k}) for p, k in zip(points, keys)]
 
 
 def _points(defined: Flags) -> list[study.Point]:
@@ -157,9 +180,29 @@ def _points(defined: Flags) -> list[study.Point]:
 
 def _row(done: study.Done, seed: int) -> dict[str, Any]:
     population = sum(site.bits for sites in done.result.sites for site in sites)
-    keys = {**done.job.keys, "eval_size": len(done.job.subject.labels), "seed": seed,
+    keys = {**done.keys, "eval_size": len(done.job.subject.labels), "seed": seed,
             "population_bits": population}
     return {**keys, **study.trial_figures(done.result).to_dict("records")[0]}
+
+
+def _paired(done: list[study.Done]) -> pd.DataFrame:
+    """Paired error differences: each point against the model's next lower rate, and between models."""
+    by_model: dict[str, list[study.Done]] = {}
+    for d in done:
+        by_model.setdefault(d.keys["model"], []).append(d)
+    rows = []
+    for model, points in by_model.items():
+        points = sorted(points, key=lambda d: d.keys["rate"])
+        for lower, higher in zip(points, points[1:]):
+            rows.append({"rate": higher.keys["rate"], "a": model, "b": f"{model} at {lower.keys['rate']:g}",
+                         **study.paired_error(higher.result, lower.result)})
+    models = list(by_model)
+    for i, first in enumerate(models):
+        for second in models[i + 1:]:
+            for x, y in zip(by_model[first], by_model[second]):
+                rows.append({"rate": x.keys["rate"], "a": first, "b": second,
+                             **study.paired_error(x.result, y.result)})
+    return pd.DataFrame(rows)
 
 
 def _title(defined: Flags, subjects: list[study.Subject]) -> str:

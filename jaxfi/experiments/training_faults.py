@@ -27,6 +27,9 @@ inside a loop). A loss or gradient-norm spike detector
   values before/after, final accuracy, outcome, detected);
 - training_faults_shares.csv: outcome shares per model and kind, and per
   model, kind and bit field, with 95% Wilson intervals;
+- training_faults_paired.csv: per model and pair of site kinds, the paired
+  difference of the share of trials that were not masked (trial i of every
+  kind starts from the same key), with a 95% ``jaxfi.stats.paired_interval``;
 - training_faults_detector.csv: detector recall per outcome and false alarms;
 - training_faults.png: loss trajectories per outcome class;
 - training_faults.json: flags, golden runs, timings and versions;
@@ -220,6 +223,7 @@ def run(defined: Flags, argv: list[str]) -> None:
     table.to_csv(workdir / f"{_NAME}.csv", index=False)
     shares = pd.concat([_shares(table, ["model", "kind"]), _shares(table, ["model", "kind", "field"])])
     shares.to_csv(workdir / f"{_NAME}_shares.csv", index=False)
+    _paired(table).to_csv(workdir / f"{_NAME}_paired.csv", index=False)
     detector = _detector(table)
     detector.to_csv(workdir / f"{_NAME}_detector.csv", index=False)
     plot_trajectories(table, curves, goldens, workdir / f"{_NAME}.png")
@@ -245,6 +249,27 @@ def _shares(table: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             lo, hi = stats.wilson(k, len(part))
             row.update({outcome: k / len(part), f"{outcome}_lo": lo, f"{outcome}_hi": hi})
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _paired(table: pd.DataFrame) -> pd.DataFrame:
+    """Paired differences of the share of non-masked trials between site kinds, per model.
+
+    Every kind's campaign uses one seed, so trial i of two kinds starts from
+    the same key: the pair is compared trial by trial (``paired_interval``).
+    """
+    rows = []
+    for model, part in table.groupby("model", sort=False):
+        harmed = {kind: (rows_["outcome"] != "masked").to_numpy(float)
+                  for kind, rows_ in part.sort_values("trial").groupby("kind", sort=False)}
+        kinds = list(harmed)
+        for i, a in enumerate(kinds):
+            for b in kinds[i + 1:]:
+                n = min(len(harmed[a]), len(harmed[b]))
+                s = stats.paired_interval(harmed[a][:n], harmed[b][:n])
+                rows.append({"model": model, "a": a, "b": b, "trials": n, "harmed_a": harmed[a][:n].mean(),
+                             "harmed_b": harmed[b][:n].mean(), "diff": s["mean"], "diff_lo": s["lo"],
+                             "diff_hi": s["hi"]})
     return pd.DataFrame(rows)
 
 

@@ -10,12 +10,14 @@ the ``models`` extra; plots need ``plots``, flags need ``experiments``.
 A sweep is a list of ``Job``s, one ``jaxfi.Campaign`` each, every one with
 its own ``Store`` under ``WORKDIR/campaigns/``: running a sweep again
 continues an interrupted campaign where it stopped and reads finished ones
-back without computing a trial. A ``Target`` sizes each campaign
-sequentially (more trials until its top-1 error's interval is narrow
-enough); each extension resumes the store. Workdir layout::
+back without computing a trial. A job whose plans sweep rates (``Plan(ber=
+(r1, r2, ...))``) has one point per rate, all on one compiled program and
+one store. A ``Target`` sizes each point sequentially (more trials until its
+top-1 error's interval is narrow enough); each extension resumes the store.
+Workdir layout::
 
     models/NAME.msgpack, NAME.json       trained models (jaxfi.training.train_or_load)
-    campaigns/STUDY/SUBJECT/POINT/       one jaxfi Store per campaign
+    campaigns/STUDY/SUBJECT/JOB/         one jaxfi Store per campaign
 
 What counts as a weight: every leaf of the ``params`` collection (conv and
 dense kernels and biases, BatchNorm scale and bias), i.e. what PyTorch calls
@@ -35,14 +37,17 @@ assume an independence that does not hold (intervals far too narrow). Hence:
 
 * per-input figures (top-1 error, SDC over golden-correct inputs, SDC-5, DUE,
   mean logit deviation) are computed per trial, averaged over trials, and get
-  a Student-t interval over trials (``jaxfi.stats.mean_interval``), clipped to
-  the figure's range ([0, 1] for fractions);
+  an interval over trials (``jaxfi.stats.mean_interval`` with the fault-free
+  value as baseline), clipped to the figure's range ([0, 1] for fractions);
+  while fewer than ``jaxfi.stats.MIN_CHANGED`` trials moved away from the
+  fault-free value, that interval is the changed-share bound, never a
+  zero-width one;
 * per-trial events (at least one SDC input, at least one DUE input, any
-  effect at all) are binomial over trials, with Wilson intervals.
-
-A t interval has zero width when every trial gave the same value (e.g. no
-trial drew a fault that mattered); ``sdc_trial_hi`` and ``harm_trial_hi``
-then bound how often a trial could change anything.
+  effect at all) are binomial over trials, with Wilson intervals; they
+  depend on how many inputs a trial evaluates (``eval_size``);
+* trials with the same index share their key across sweep points, models
+  and site kinds (one seed): compare those with ``paired_error`` /
+  ``jaxfi.stats.paired_interval``, not with two independent intervals.
 """
 
 from jaxfi.study.plots import plot_bits, plot_layers, plot_sweep, plot_variants
@@ -56,7 +61,7 @@ from jaxfi.study.subjects import (
     weight_leaves,
     weight_selector,
 )
-from jaxfi.study.summary import EVENTS, MEANS, bit_field, per_trial, summary_columns, trial_figures
+from jaxfi.study.summary import EVENTS, MEANS, bit_field, paired_error, per_trial, summary_columns, trial_figures
 from jaxfi.study.sweeps import (
     ACTIVATIONS,
     BOTH,
@@ -95,6 +100,7 @@ __all__ = [
     "layer_outputs",
     "load_subjects",
     "logit_deviation",
+    "paired_error",
     "per_trial",
     "plans_for",
     "plot_bits",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 import jaxfi
@@ -109,6 +110,32 @@ def _figures(key: Any, rows: pd.DataFrame, by: str | None, golden_error: float,
         lo, hi = stats.wilson(k, n, confidence)
         row[name], row[f"{name}_lo"], row[f"{name}_hi"] = k / n, lo, hi
     return row
+
+
+def paired_error(a: jaxfi.Result, b: jaxfi.Result, confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """The paired difference of top-1 error, ``a`` minus ``b``, over the trials both results hold.
+
+    Trials are matched by index: with one seed, trial ``i`` draws from the
+    same key in every campaign and at every sweep point, so the pair is a
+    common-random-numbers comparison and ``jaxfi.stats.paired_interval`` is
+    its interval. Points that stopped at different trial counts are compared
+    over the trials both ran.
+
+    Args:
+      a: a result.
+      b: a result of a campaign with the same seed as ``a``'s.
+      confidence: the interval's confidence level.
+
+    Returns:
+      trials (shared), error_a, error_b, diff (a - b), diff_lo, diff_hi and
+      changed (pairs whose difference is not the golden runs' difference).
+    """
+    shared = np.intersect1d(a.table["trial"], b.table["trial"])
+    errors = [1.0 - r.table.set_index("trial").loc[shared, "accuracy"].to_numpy() for r in (a, b)]
+    golden = (1.0 - a.golden.accuracy) - (1.0 - b.golden.accuracy)
+    s = stats.paired_interval(errors[0], errors[1], confidence, baseline=golden)
+    return {"trials": len(shared), "error_a": float(errors[0].mean()), "error_b": float(errors[1].mean()),
+            "diff": s["mean"], "diff_lo": s["lo"], "diff_hi": s["hi"], "changed": s["changed"]}
 
 
 def bit_field(dtype: str, bit: int) -> str:
