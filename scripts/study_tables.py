@@ -56,7 +56,7 @@ def full_table(table: pd.DataFrame) -> str:
 
 def paired_table(paired: pd.DataFrame) -> str:
     """Paired error differences in points, with their intervals and the trials they share."""
-    lines = ["| BER | a | b | trials | a - b, points [95% paired CI] | trials that differ |",
+    lines = ["| BER | a | b | trials | a - b, points [95% paired CI] | pairs that moved |",
              "|---|---|---|---|---|---|"]
     for _, r in paired.iterrows():
         lines.append(f"| {r['rate']:.0e} | {r['a']} | {r['b']} | {int(r['trials']):,} | "

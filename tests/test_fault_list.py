@@ -50,13 +50,16 @@ def test_exhaustive_list_covers_every_value_and_bit_once():
     assert np.array_equal(after, expected)
     with pytest.raises(ValueError, match="exceeds the 6 trials"):
         jaxfi.Campaign(model, PARAMS, X, None, plan).run(7, quiet=True)
+    unlisted = jaxfi.Campaign(model, PARAMS, X, None, jaxfi.Plan(jaxfi.Params(), ber=1e-3))
+    with pytest.raises(ValueError, match="trials is required unless a plan has a fault list"):
+        unlisted.run(quiet=True)
 
 
 def test_targeted_list_with_multi_indices_and_several_faults_per_trial():
     rows = [(7, "w", (0, 1), 3), (7, "w", (3, 2), 31), (9, "b", 2, 0)]
     plan = jaxfi.Plan(jaxfi.Params(), faults=jaxfi.FaultList(rows))
     assert plan.count == 2 and len(plan.faults) == 2
-    table = jaxfi.Campaign(model, PARAMS, X, None, plan).run(2, executor="loop", quiet=True).faults()
+    table = jaxfi.Campaign(model, PARAMS, X, None, plan).run(executor="loop", quiet=True).faults()
     assert list(zip(table["trial"], table["site"], table["index"], table["bit"])) == [
         (0, "w", (0, 1), 3), (0, "w", (3, 2), 31), (1, "b", (2,), 0)]
 

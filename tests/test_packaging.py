@@ -64,19 +64,19 @@ def test_a_missing_extra_is_named():
             try:
                 __import__(module)
             except ImportError as err:
-                assert f"pip install 'jaxfi[{extra}]'" in str(err), (module, err)
+                assert f"pip install 'jax-fault-injection[{extra}]'" in str(err), (module, err)
             else:
                 raise AssertionError(f"{module} imported without its extra")
         from jaxfi import distributed
         try:
             distributed.define_flags()
         except ImportError as err:
-            assert "pip install 'jaxfi[experiments]'" in str(err), err
+            assert "pip install 'jax-fault-injection[experiments]'" in str(err), err
         from jaxfi import data
         try:
             data.load("cifar10")
         except ImportError as err:
-            assert "pip install 'jaxfi[data]'" in str(err), err
+            assert "pip install 'jax-fault-injection[data]'" in str(err), err
         print("ok")
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]

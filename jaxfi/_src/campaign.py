@@ -137,7 +137,7 @@ class Campaign:
         self.outcome_names: tuple[str, ...] = builtin + tuple(self._custom)
         self._trials = Trials(trial_function(faulty(apply_fn, *self.plans)),
                               jax.random.key(self.seed), params, self._microbatch(0), apply_fn, self.plans,
-                              compile_seconds)
+                              compile_seconds, self.sites)
         # Built once per campaign, reused by every later run() and resume.
         self._runners: dict[tuple[Any, ...], exec_lib.Runner] = {}
         self._decided: exec_lib.Executor | None = None
@@ -204,12 +204,15 @@ class Campaign:
             **({} if self.batch_size is None else {"batch_size": self.batch_size}),
         }
 
-    def run(self, trials: int, *, point: int = 0, executor: str | exec_lib.Executor = "auto",
+    def run(self, trials: int | None = None, *, point: int = 0, executor: str | exec_lib.Executor = "auto",
             chunk_size: int = 64, store: str | os.PathLike | None = None,
             margin: float | None = None, confidence: float = 0.95, method: str = "wilson",
             quiet: bool = False, verify: bool = True,
             devices: Sequence[jax.Device] | None = None) -> Result:
         """Run trials 0..``trials``-1 of sweep ``point`` (those not already in ``store``) and return them.
+
+        ``trials`` may be left out when a plan has a fault list: it is then
+        the list's number of trials (the shortest list's, with several).
 
         ``point`` picks the rate of plans whose rate is a sweep (a sequence
         of rates): every point runs on the same compiled programs, and trial
@@ -223,7 +226,8 @@ class Campaign:
         programs are kept for later ``run`` calls.
         ``chunk_size`` trials are computed (and stored) at a time; memory grows
         with it, not with ``trials``. ``store``: a directory written chunk by
-        chunk and resumed on the next call, with any executor or chunk size.
+        chunk and resumed on the next call, with any chunk size (and the
+        executor it records).
         ``margin``: before each chunk, stop if every per-trial rate's interval
         (``confidence``, ``method``) has a half-width of at most ``margin``; the
         trials kept are then a prefix, and the same call stops at the same
@@ -238,6 +242,11 @@ class Campaign:
         arguments (but for ``executor``, ``verify``, ``quiet``, ``devices``
         and the store's path), or every process raises a ``ValueError``.
         """
+        listed = [len(p.faults) for p in self.plans if p.faults is not None]
+        if trials is None:
+            if not listed:
+                raise ValueError("trials is required unless a plan has a fault list")
+            trials = min(listed)
         trials, chunk_size = _positive("trials", trials, 0), _positive("chunk_size", chunk_size, 1)
         if trials > MAX_TRIALS:
             raise ValueError(f"trials must be at most {MAX_TRIALS} per point, got {trials}")
@@ -245,7 +254,6 @@ class Campaign:
         if point >= self.points:
             raise ValueError(f"point must be in [0, {self.points}) (the plans' sweep points), got {point}")
         first = point_index(point, 0)
-        listed = [len(p.faults) for p in self.plans if p.faults is not None]
         if listed and trials > min(listed):
             raise ValueError(f"trials={trials} exceeds the {min(listed)} trials of the plan's fault list")
         devices = _own(devices)

@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxfi._src.batching import batch_invariant
 from jaxfi._src.grouped import GroupedExecutor, GroupedRunner
+from jaxfi._src.inject import nonfinite_faults
 from jaxfi._src.trial import REFERENCE, Computed, Outputs, Trials, same_bits
 
 TRIAL_AXIS = "trials"
@@ -130,7 +131,7 @@ class _ShardedRunner:
     def __call__(self, start: int, stop: int) -> Computed:
         base, params, inputs = self._args
         out = self._compiled(base, self._indices(start), params, inputs)
-        return _reference(_first(jax.device_get(out), stop - start))
+        return _nonfinite_by_reference(_reference(_first(jax.device_get(out), stop - start)), self._trials, start)
 
     def golden(self, program: int) -> np.ndarray:
         """The reference program's golden output (this runner gives its bits)."""
@@ -143,6 +144,38 @@ class _ShardedRunner:
         base, params, _ = self._args
         moved._args = (base, params, jax.device_put(inputs, self._replicated))
         return moved
+
+
+def _nonfinite_trials(computed: Computed, trials: Trials) -> np.ndarray:
+    """Per trial, whether a fault left a NaN or an infinity, or the output
+    holds one where the golden output holds none."""
+    found = np.zeros(len(computed.program), bool)
+    for record, sites in zip(computed.records, trials.sites or ()):
+        found |= np.asarray(nonfinite_faults(record, sites))
+    for out, golden in zip(jax.tree.leaves(computed.output), jax.tree.leaves(trials.golden)):
+        if np.issubdtype(out.dtype, np.inexact):
+            fresh = ~np.isfinite(out) & np.isfinite(golden)
+            found |= fresh.reshape(len(found), -1).any(axis=1)
+    return found
+
+
+def _nonfinite_by_reference(computed: Computed, trials: Trials, start: int) -> Computed:
+    """``computed`` with its non-finite trials recomputed by the reference program.
+
+    Where a max or a max-pool meets a NaN, which value it keeps is a property
+    of the compiled program (vmap's batched max may drop a NaN the unbatched
+    one keeps), so only the reference gives such a trial's verdict
+    (docs/nonfinite.md). Finite trials are left as the batched program gave them.
+    """
+    redo = np.flatnonzero(_nonfinite_trials(computed, trials))
+    if not redo.size:
+        return computed
+    output, records = jax.tree.map(np.array, (computed.output, computed.records))
+    for i in redo:
+        one_output, one_records = trials.replay(start + int(i))
+        for whole, one in zip(jax.tree.leaves((output, records)), jax.tree.leaves((one_output, one_records))):
+            whole[i] = one
+    return Computed(output, records, computed.program)
 
 
 class _LoopRunner:

@@ -34,4 +34,4 @@ def require(module: str, extra: str) -> types.ModuleType:
     except ImportError as err:
         raise ImportError(
             f"{module} is not installed; jaxfi installs it with the {extra!r} extra: "
-            f"pip install 'jaxfi[{extra}]'") from err
+            f"pip install 'jax-fault-injection[{extra}]'") from err

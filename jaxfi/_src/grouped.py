@@ -95,7 +95,7 @@ def suffix_work(program: interpret.Program) -> np.ndarray:
     """Per op index r (and one past the end), the share of the program's
     multiply-adds done after op r: what a trial whose earliest fault is read
     (or written) at op r must recompute downstream of it, its correction
-    there aside (DESIGN principle 9's physical cost)."""
+    there aside (docs/design.md, principle 9: the physical cost)."""
     work = np.array([multiply_adds(op.eqn) for op in program.ops] + [0], np.float64)
     after = np.concatenate([np.cumsum(work[::-1])[::-1][1:], [0.0]])
     return after / max(work.sum(), 1.0)
@@ -451,7 +451,7 @@ def downstream_work(apply_fn: Callable[..., Any], params: Any, inputs: Any, plan
     """Expected share of ``apply_fn``'s matmul and convolution multiply-adds that
     lie after the first layer a trial of ``plans`` faults (0 for a trial with
     no fault): what a trial must recompute beyond a correction at its first
-    faulted layer (DESIGN principle 9), so ``1 / downstream_work`` bounds what
+    faulted layer (docs/design.md, principle 9), so ``1 / downstream_work`` bounds what
     skipping the golden prefix can save against a full forward per trial.
     Row slicing (activation and input faults) saves more than this counts."""
     return _estimate(apply_fn, params, inputs, tuple(plans), 1, 8)[0]

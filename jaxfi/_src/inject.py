@@ -91,6 +91,25 @@ class Record(NamedTuple):
         return jnp.sum(self.valid, axis=-1)
 
 
+def nonfinite_faults(record: Record, sites: Sequence[Site]) -> jax.Array:
+    """Whether a fault in ``record`` left a NaN or an infinity (its value after).
+
+    Args:
+      record: one trial's record, or a batch of them (leading trial axes).
+      sites: the sites ``record.site`` indexes (its plan's population).
+
+    Returns:
+      A bool per trial (a scalar for one trial).
+    """
+    site = jnp.maximum(jnp.asarray(record.site), 0)
+    found = jnp.zeros(site.shape[:-1], bool)
+    for dtype in {s.dtype for s in sites if jnp.issubdtype(s.dtype, jnp.inexact)}:
+        ours = jnp.asarray([s.dtype == dtype for s in sites])[site]
+        after = bits_lib.from_bits(jnp.asarray(record.after).astype(bits_lib.format_of(dtype).uint), dtype)
+        found |= jnp.any(jnp.asarray(record.valid) & ours & ~jnp.isfinite(after), axis=-1)
+    return found
+
+
 def _draw_count(key: jax.Array, pop: Population, point: Any = 0) -> tuple[jax.Array, jax.Array]:
     """Fault count for one trial at sweep point ``point`` and whether it exceeded the cap."""
     if pop.thresholds is None:

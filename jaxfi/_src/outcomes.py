@@ -158,7 +158,8 @@ def per_input(g: Golden, outputs: np.ndarray) -> dict[str, np.ndarray]:
 
 def _differing(g: Golden, rows: np.ndarray, inputs: np.ndarray) -> dict[str, np.ndarray]:
     """``per_input``'s figures of faulty logit ``rows`` [M, C] of golden's ``inputs`` [M]."""
-    wide = rows.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # NaN logits are expected here: they make a DUE
+        wide = rows.astype(np.float64)
     finite = np.isfinite(wide).all(axis=1)
     top1 = np.argmax(np.where(np.isfinite(wide), wide, -np.inf), axis=1)
     changed = finite & (top1 != g.top1[inputs])

@@ -56,6 +56,7 @@ from jaxfi._src.inject import (
     inject_params,
     live_faults,
     movable,
+    nonfinite_faults,
     plan_keys,
 )
 from jaxfi._src.plan import Plan, Population
@@ -467,7 +468,7 @@ class RowProgram:
         """Whether a fault made a NaN or an infinity (from the records), or a
         watched value holds one in a row the trial computes (padding rows
         aside) where its golden run holds none."""
-        found = jnp.any(jnp.stack([_nonfinite_faults(r, pop) for r, pop in zip(records, self._pops)]))
+        found = jnp.any(jnp.stack([nonfinite_faults(r, pop.sites) for r, pop in zip(records, self._pops)]))
         real = rows < self.batch
         for k, i in enumerate(self._watched):
             by_rows = self._mode.get(i) == "rows"
@@ -796,17 +797,6 @@ def _operand(x: Any, recipe: str, own: dict, gold: dict, rows: jax.Array) -> Any
     if recipe == "splice":
         return put_rows(gold[x], rows, own[x])
     return own[x] if recipe in ("own", "full_of") else gold[x]
-
-
-def _nonfinite_faults(record: Any, pop: Population) -> jax.Array:
-    """Whether a fault in ``record`` left a NaN or an infinity (its value after)."""
-    site = jnp.maximum(record.site, 0)
-    found = jnp.asarray(False)
-    for dtype in {s.dtype for s in pop.sites if jnp.issubdtype(s.dtype, jnp.inexact)}:
-        ours = jnp.asarray([s.dtype == dtype for s in pop.sites])[site]
-        after = bits_lib.from_bits(record.after.astype(bits_lib.format_of(dtype).uint), dtype)
-        found |= jnp.any(record.valid & ours & ~jnp.isfinite(after))
-    return found
 
 
 def _inexact(x: Any) -> bool:

@@ -186,7 +186,8 @@ class Trials:
 
     ``fn(base_key, index, params, inputs) -> (output, records)``; trial ``i``
     uses ``trial_key(base_key, i)``. ``apply_fn`` and ``plans`` (what ``fn``
-    was built from) let executors specialise trials; ``compile_seconds``
+    was built from) let executors specialise trials; ``sites`` (per plan, the
+    sites its records index) let them read the records; ``compile_seconds``
     (of the golden forward, measured where it was first compiled) and
     ``costs`` let "auto" estimate the loop without building it.
     """
@@ -198,6 +199,7 @@ class Trials:
     apply_fn: Callable[..., Any] | None = None
     plans: tuple[Plan, ...] | None = None
     compile_seconds: float | None = None
+    sites: tuple[tuple[Site, ...], ...] | None = None
 
     def on(self, inputs: Any) -> Trials:
         """The same trials on other inputs of the same shapes and dtypes,
