@@ -132,8 +132,9 @@ class Target:
     changed-share bound (about 3/n wide at 95% when none changed), else the
     Student-t interval. A point whose first trials all keep the golden error
     therefore cannot stop on a zero-width interval. Coverage under this
-    sequential use is simulated in the tests (at least 0.95 at 95% nominal
-    on point-mass-plus-tail and bimodal samples shaped like the study's).
+    sequential use is simulated in the tests on samples shaped like the
+    study's (a point mass with a rare tail, bimodal, small shifts): 0.95 to
+    0.99 at 95% nominal, asserted at least 0.93 from 1,500 runs each.
 
     Attributes:
       half_width: the largest half-width accepted, as a fraction (0.03: 3 points).
@@ -325,5 +326,5 @@ def _brief(done: Done) -> str:
     errors = 1.0 - done.result.table["accuracy"].to_numpy()
     golden = 1.0 - done.result.golden.accuracy
     how = f"computed {done.computed} with {done.executor}" if done.computed else "loaded"
-    return (f"{len(errors)} trials, error {errors.mean():.3f} +- {half_width(errors, golden_error=golden):.3f}, "
+    return (f"{len(errors)} trials, error {errors.mean():.4f} +- {half_width(errors, golden_error=golden):.4f}, "
             f"{how} ({done.seconds:.1f}s)")
