@@ -257,6 +257,36 @@ def test_verify_refuses_different_bits(trials):
     ex.verify("loop", good, trials, 0, 4)
 
 
+class _LateCorruption:
+    """A runner that gives other bits from trial ``first`` on (a batched program gone wrong later)."""
+
+    def __init__(self, inner, first: int):
+        self._inner, self._first = inner, first
+        self.name, self.width, self.compile_seconds = inner.name, inner.width, inner.compile_seconds
+
+    def __call__(self, start, stop):
+        output, records, program = self._inner(start, stop)
+        output = np.array(output)
+        if start >= self._first:
+            output.view(np.uint32)[:, 0, 0] ^= 1
+        return ex.Computed(output, records, program)
+
+    def golden(self, program):
+        return self._inner.golden(program)
+
+
+def test_a_batched_executor_is_checked_beyond_its_first_chunk(toy_mlp, monkeypatch):
+    """The third chunk of a vmap run gives other bits: the campaign refuses it there."""
+    build = ex.VmapExecutor.build
+    monkeypatch.setattr(ex.VmapExecutor, "build",
+                        lambda self, *args: _LateCorruption(build(self, *args), first=8))
+    campaign = jaxfi.Campaign(toy_mlp.apply_fn, toy_mlp.params, toy_mlp.x, None,
+                              jaxfi.Plan(jaxfi.Params(), ber=1e-2), seed=0)
+    with pytest.raises(ex.NotBitwiseError, match="trial 8"):
+        campaign.run(16, executor="vmap", chunk_size=4, quiet=True)
+    assert len(campaign.run(8, executor="vmap", chunk_size=4, quiet=True)) == 8  # before the corruption
+
+
 def test_auto_never_chooses_an_inconsistent_reference_executor(trials):
     auto = ex.AutoExecutor(candidates=(_Corrupting(), "vmap"), probe=4, sample=8)
     chosen, runner, table = ex.choose(auto, trials, 8, jax.local_devices(), 0, 10**6)

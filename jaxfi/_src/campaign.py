@@ -58,6 +58,10 @@ from jaxfi._src.version import __version__
 
 _RECORD_COLUMN = "r{plan}.{field}"
 MAX_TRIALS = TRIALS_PER_POINT
+# A batched executor's chunks checked against the unbatched trial (first and
+# last trial of each) at the start of every run: a sample across chunks, not
+# only the first one, for a few replays per chunk.
+VERIFY_CHUNKS = 4
 # Without x64 a PRNG key holds a 32-bit seed: larger seeds would alias smaller ones.
 SEEDS = 2**32
 
@@ -231,8 +235,9 @@ class Campaign:
         ``margin``: before each chunk, stop if every per-trial rate's interval
         (``confidence``, ``method``) has a half-width of at most ``margin``; the
         trials kept are then a prefix, and the same call stops at the same
-        trial again. ``verify`` checks a batched executor's first chunk against
-        the unbatched trial. ``devices``: this process's devices a chunk is split
+        trial again. ``verify`` checks a batched executor against the unbatched
+        trial on the first and last trial of each of the run's first
+        ``VERIFY_CHUNKS`` (4) chunks. ``devices``: this process's devices a chunk is split
         over (all local ones by default). ``quiet`` hides the progress bar.
 
         With several processes (``jaxfi.distributed``) every process makes the
@@ -471,7 +476,7 @@ class _Session:
         self._campaign, self._chosen, self._layout = campaign, chosen, layout
         self._devices, self._verify, self._quiet, self._db = devices, verify, quiet, db
         self._runner: exec_lib.Runner | None = None
-        self._unverified = False
+        self._unverified = 0
         self.timings: pd.DataFrame | None = None
         self.bar: Any = None
 
@@ -495,7 +500,7 @@ class _Session:
             out = runner(start, stop)
             if j == 0 and self._unverified:
                 exec_lib.verify(runner.name, out, campaign._trials, start, stop)
-                self._unverified = False
+                self._unverified -= 1
             yield j, out, runner.golden
 
     def start(self, start: int, trials_left: int) -> None:
@@ -517,7 +522,8 @@ class _Session:
         if len(self._campaign._spans) > 1 and not callable(getattr(self._runner, "on", None)):
             raise ValueError(f"executor {self._runner.name!r} cannot run microbatches (its runner has no "
                              "on(inputs)); with batch_size use 'loop', 'map', 'vmap' or 'auto'")
-        self._unverified = self._verify and isinstance(chosen, (exec_lib.VmapExecutor, exec_lib.MapExecutor))
+        batched = isinstance(chosen, (exec_lib.VmapExecutor, exec_lib.MapExecutor))
+        self._unverified = VERIFY_CHUNKS if self._verify and batched else 0
         if self._db is not None and self._layout.index == 0:
             self._db.record("executor", message)
         self.bar.set_postfix(executor=self._runner.name)

@@ -345,7 +345,8 @@ def from_spec(recorded: dict[str, Any]) -> Executor | None:
 
 def verify(name: str, out: Computed, trials: Trials, start: int, stop: int) -> None:
     """Check that a reference-family runner gave the unbatched trial's bits on
-    the first and last trial of a chunk."""
+    the first and last trial of a chunk (``Campaign.run`` checks its first
+    ``VERIFY_CHUNKS`` chunks)."""
     for i in sorted({start, stop - 1}):
         if not same_bits(_first(_drop(out[:2], i - start), 1), _expand(trials.replay(i))):
             raise NotBitwiseError(
