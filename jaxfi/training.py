@@ -42,8 +42,7 @@ __all__ = ["DEFAULTS", "train", "evaluate", "save_checkpoint", "load_checkpoint"
 Variables = dict[str, Any]
 Log = Callable[[str], Any] | None
 
-# Per-model training settings for mnist5k. Measured on 2 shared CPU cores (seeds 0-2):
-# mlp 95-96% test accuracy in 3-4 s, lenet5 97-98% in 10-17 s, resnet8 98% in 40-57 s.
+# Per-model training settings for mnist5k (accuracies and times per seed: docs/models.md).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": dict(epochs=10, batch_size=64, learning_rate=1e-3, optimizer="adam", weight_decay=1e-4),
     "cnn": dict(epochs=8, batch_size=128, learning_rate=3e-3, optimizer="adam", weight_decay=1e-4),
