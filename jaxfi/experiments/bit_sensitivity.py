@@ -21,7 +21,7 @@ Writes to --workdir:
   field (sign/exponent/mantissa), eval_size, seed, then the figures of
   ``jaxfi.study.summary_columns()`` over that bit's trials (sdc_trial,
   due_trial, harm_trial with 95% Wilson intervals; per-input means with
-  Student-t intervals).
+  ``jaxfi.stats.mean_interval`` around the fault-free value).
 - bit_sensitivity.json: flags, models, timings, versions.
 - bit_sensitivity.png: heat maps of P(SDC) and P(DUE) per flip, model x bit,
   one panel row per format.

@@ -23,7 +23,7 @@ Writes to --workdir:
 - layer_sensitivity.csv: one row per (model, leaf): model, leaf, shape,
   values, bits, share, eval_size, seed, the figures of
   ``jaxfi.study.summary_columns()`` (Wilson intervals for the per-trial
-  events, Student-t over trials for the per-input means), then
+  events, ``jaxfi.stats.mean_interval`` over trials for the per-input means), then
   sdc_weighted, sdc_weighted_lo, sdc_weighted_hi (the sdc_trial interval
   scaled by share).
 - layer_sensitivity.json: flags, models, timings, versions.

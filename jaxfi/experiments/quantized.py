@@ -32,7 +32,7 @@ Writes to --workdir:
   versions on the evaluated images), timings, versions.
 - quantized.png: left, P(SDC) per single-bit flip by bit position with 95%
   Wilson intervals; right, top-1 error against the bit error rate with 95%
-  Student-t bands.
+  bands (``jaxfi.stats.mean_interval`` around the fault-free error).
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def plot(table: pd.DataFrame, path: str, title: str) -> None:
     right.set_xscale("log")
     right.set_xlabel("bit error rate over the kernel bits (same rates for both)")
     right.set_ylabel("top-1 error of the faulty model (%)")
-    right.set_title("Random kernel bit flips (95% Student-t bands; dotted: fault-free)")
+    right.set_title("Random kernel bit flips (95% bands; dotted: fault-free)")
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

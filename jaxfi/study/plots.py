@@ -63,7 +63,7 @@ def plot_sweep(table: pd.DataFrame, path: str | pathlib.Path, title: str) -> Non
         ax.set_xlabel(xlabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title + "\nbands: 95% Student-t intervals over trials", fontsize=10)
+    fig.suptitle(title + "\nbands: 95% intervals over trials (jaxfi.stats.mean_interval)", fontsize=10)
     _save(fig, path)
 
 
