@@ -150,6 +150,12 @@ def test_quantized_script_writes_both_sweeps(trained_workdir, tmp_path):
     population = rates.set_index("dtype")["population_bits"]
     assert population["float32"] == 4 * population["int8"]
     assert (table.loc[table["dtype"] == "int8", "due"] == 0).all()
+    # int8 and float32 share trial keys: their difference is paired, trial by trial.
+    paired = pd.read_csv(tmp_path / "quantized_paired.csv")
+    assert paired[["model", "rate", "trials"]].values.tolist() == [["mlp", 1e-2, 4]]
+    errors = rates.set_index("dtype")["error"]
+    assert paired["diff"].iloc[0] == pytest.approx(errors["int8"] - errors["float32"])
+    assert paired["diff_lo"].iloc[0] <= paired["diff"].iloc[0] <= paired["diff_hi"].iloc[0]
     meta = json.loads((tmp_path / "quantized.json").read_text())
     assert {"eval_accuracy_float32", "eval_accuracy_int8"} <= set(meta["models"]["mlp-int8"])
     assert (tmp_path / "quantized.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

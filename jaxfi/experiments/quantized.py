@@ -18,9 +18,11 @@ Two sweeps on the same --eval_size test images:
   trials are stratified by the flipped bit;
 - per rate: every kernel bit flips independently at each bit error rate in
   --rates, the same rates for both formats (an int8 model has a quarter of
-  the bits, so a quarter of the flips at the same rate). Each point runs
-  --trials trials, then more until the 95% interval of its top-1 error is at
-  most --half_width on either side (or --max_trials ran).
+  the bits, so a quarter of the flips at the same rate), one compiled
+  program per model and format for every rate. Each point runs --trials
+  trials, then more until the 95% interval of its top-1 error is at most
+  --half_width on either side (or --max_trials ran). Trial i has the same
+  key in both formats, so int8 and float32 are compared trial by trial.
 
 Writes to --workdir:
 
@@ -28,6 +30,9 @@ Writes to --workdir:
   ("bit": one bit position; "flip": one random flip over all bits, the whole
   per-bit campaign; "rate"), model, dtype, bit, rate, eval_size, seed,
   population_bits, then the figures of ``jaxfi.study.summary_columns()``.
+- quantized_paired.csv: per (model, rate), the paired difference of top-1
+  error, int8 minus float32, over the trials both ran, with its 95%
+  ``jaxfi.stats.paired_interval`` (``jaxfi.study.paired_error``).
 - quantized.json: flags, models (with the fault-free accuracy of both
   versions on the evaluated images), timings, versions.
 - quantized.png: left, P(SDC) per single-bit flip by bit position with 95%
@@ -112,10 +117,13 @@ def run(defined: Flags, argv: list[str]) -> None:
         done += common.sweep([_job(subject, {"count": 1}, "bits")], root,
                              defined.trials_per_bit.value * width)
     rates = study_flags.check_rates(defined.rates.value)
-    jobs = [_job(s, {"ber": r}, f"ber{r:g}") for s in subjects for r in rates]
+    jobs = [_job(s, {"ber": tuple(rates)}, "ber-sweep-" + "_".join(f"{r:g}" for r in rates),
+                 tuple({"rate": r} for r in rates)) for s in subjects]
     target = study_flags.check_target(defined.trials.value, defined.max_trials.value, defined.half_width.value)
-    done += common.sweep(jobs, root, target)
+    swept = common.sweep(jobs, root, target)
+    done += swept
     table = pd.concat([_rows(d, common.seed.value) for d in done], ignore_index=True)
+    _paired(swept).to_csv(workdir / f"{_NAME}_paired.csv", index=False)
     title = (f"Kernel bit flips, int8 storage (per-channel scales) vs float32: {common.eval_size.value} "
              f"mnist5k test images per trial; fault-free accuracy "
              + ", ".join(f"{s.label} {100 * q.info['eval_accuracy_float32']:.1f}% / int8 "
@@ -125,14 +133,23 @@ def run(defined: Flags, argv: list[str]) -> None:
                        began=began, show=_print)
 
 
-def _job(subject: study.Subject, how: dict[str, Any], point: str) -> study.Job:
+def _job(subject: study.Subject, how: dict[str, Any], path: str,
+         points: tuple[dict[str, Any], ...] = ({"rate": None},)) -> study.Job:
     plan = jaxfi.Plan(jaxfi.Params(_KERNELS[subject.dtype]), jaxfi.BitFlip(), **how)
-    return study.Job(subject, (plan,), f"{subject.label}/{point}",
-                     {"model": subject.name, "dtype": subject.dtype, "rate": how.get("ber")})
+    return study.Job(subject, (plan,), f"{subject.label}/{path}",
+                     {"model": subject.name, "dtype": subject.dtype}, points)
+
+
+def _paired(swept: list[study.Done]) -> pd.DataFrame:
+    """int8 minus float32 top-1 error per (model, rate), paired by trial."""
+    by = {(d.keys["model"], d.keys["dtype"], d.keys["rate"]): d for d in swept}
+    return pd.DataFrame([{"model": model, "rate": rate,
+                          **study.paired_error(d.result, by[model, "float32", rate].result)}
+                         for (model, dtype, rate), d in by.items() if dtype == "int8"])
 
 
 def _rows(done: study.Done, seed: int) -> pd.DataFrame:
-    keys = done.job.keys
+    keys = done.keys
     if keys["rate"] is None:
         rows = pd.concat([study.trial_figures(done.result, by="bit").assign(sweep="bit"),
                           study.trial_figures(done.result).assign(sweep="flip", bit=pd.NA)], ignore_index=True)
