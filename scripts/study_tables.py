@@ -34,6 +34,10 @@ def _pct(value: float, digits: int = 1) -> str:
     return f"{100 * value:.{digits}f}"
 
 
+def _flips(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _interval(row: pd.Series, name: str) -> str:
     return f"{_pct(row[name])} [{_pct(row[f'{name}_lo'])}, {_pct(row[f'{name}_hi'])}]"
 
@@ -56,7 +60,7 @@ def full_table(table: pd.DataFrame) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
         lines.append(
-            f"| {r['model']} | {r['rate']:.0e} | {int(r['trials']):,} | {r['faults_mean']:.3g} | "
+            f"| {r['model']} | {r['rate']:.0e} | {int(r['trials']):,} | {_flips(r['faults_mean'])} | "
             f"{_interval(r, 'error')} | {_interval(r, 'sdc')} | {_pct(r['sdc5'])} | {_interval(r, 'due')} | "
             f"{r['sdc_trial']:.2f} [{r['sdc_trial_lo']:.2f}, {r['sdc_trial_hi']:.2f}] | {r['due_trial']:.2f} |")
     return "\n".join(lines)
